@@ -1,0 +1,18 @@
+"""Model families. Importing this package fills the builder registry and defines the ModelSpec union."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from models import cnn, mlp  # noqa: F401  (each module registers its builder on import)
+from models.cnn import CNNSpec
+from models.mlp import MLPSpec
+from models.registry import DataShape, build_model, registered_kinds
+
+# Every family's spec class, in the order the docs list them. Adding a family = one import + one entry here.
+MODEL_SPECS = (MLPSpec, CNNSpec)
+
+ModelSpec = Annotated[MLPSpec | CNNSpec, Field(discriminator="kind")]
+
+__all__ = ["MODEL_SPECS", "ModelSpec", "DataShape", "build_model", "registered_kinds"]

@@ -1,0 +1,46 @@
+"""One registry of model builders, keyed by the spec's `kind` (after timm's register_model)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a builder needs to know about the data: per-sample shapes, not the data."""
+
+    input_shape: tuple[int, ...]  # one sample, no batch dim: (F,), (L,), (C, L) or (C, H, W); (T,) for tokens
+    output_size: int  # classes, regression targets, or vocabulary size for token tasks
+    vocab_size: int | None = None  # token tasks only
+    max_len: int | None = None  # longest sequence, token tasks only
+    target_len: int | None = None  # longest target sequence, seq2seq only
+
+
+class Builder(Protocol):
+    def __call__(self, spec, shape: DataShape) -> nn.Module: ...
+
+
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register(kind: str) -> Callable[[Builder], Builder]:
+    """Decorator: file a builder under `kind`; a second builder for the same kind is a bug."""
+
+    def add(builder: Builder) -> Builder:
+        if kind in _BUILDERS:
+            raise ValueError(f"model kind {kind!r} is registered twice")
+        _BUILDERS[kind] = builder
+        return builder
+
+    return add
+
+
+def registered_kinds() -> frozenset[str]:
+    return frozenset(_BUILDERS)
+
+
+def build_model(spec, shape: DataShape) -> nn.Module:
+    """Build the module for a model spec (any member of models.ModelSpec)."""
+    return _BUILDERS[spec.kind](spec, shape)

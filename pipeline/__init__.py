@@ -1,0 +1,1 @@
+"""archlab's pipeline: specs, data, training, evaluation, tracking, sweeps and reports."""

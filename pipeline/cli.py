@@ -1,0 +1,215 @@
+"""`archlab`: each verb parses its arguments, calls one function, and writes outputs.
+
+User mistakes end in `file: field: message` on stderr and exit status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+# ── shared steps ─────────────────────────────────────────────────────────────
+def _config(args):
+    from pipeline.config import load_config
+    return load_config(args.params)
+
+
+def _data_dir(args, config, dataset: str) -> Path:
+    return Path(args.data) if args.data else config.paths.data / dataset
+
+
+def _ensure_prepared(config, dataset: str, folder: Path, params_path: str):
+    """Load a prepared dataset, preparing it first when this is a fresh checkout."""
+    from pipeline.config import dataset_spec
+    from pipeline.data import load_prepared, prepare
+    if not (folder / "meta.json").is_file():
+        print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
+        prepare(dataset, dataset_spec(config, dataset, params_path), folder)
+    data = load_prepared(folder)
+    if data.meta["name"] != dataset:
+        raise UserError(folder, f"holds dataset {data.meta['name']!r} but the spec asks for {dataset!r}",
+                        field="data.dataset")
+    return data
+
+
+def dataset_shape(config, dataset: str, folder: Path, params_path: str):
+    """The data's shape, from a prepared folder or, failing that, built in memory (nothing written)."""
+    from pipeline.config import dataset_spec
+    from pipeline.data import build_arrays, shape_from_meta
+    if (folder / "meta.json").is_file():
+        return shape_from_meta(json.loads((folder / "meta.json").read_text()))
+    _, meta = build_arrays(dataset, dataset_spec(config, dataset, params_path))
+    return shape_from_meta(meta)
+
+
+def check_buildable(spec, shape, source):
+    """Build the model and run one tiny batch: an impossible architecture names its layer."""
+    import torch
+    from models import build_model
+    from models.base import ArchitectureError
+    try:
+        model = build_model(spec.model, shape)
+        model.eval()
+        dtype = torch.long if shape.vocab_size else torch.float32
+        x = torch.zeros((2, *shape.input_shape), dtype=dtype)
+        with torch.no_grad():
+            out = model.example_forward(x) if hasattr(model, "example_forward") else model(x)
+    except ArchitectureError as err:
+        raise UserError(source, err.message, field=err.field) from None
+    except RuntimeError as err:
+        raise UserError(source, f"the architecture does not fit the data ({shape.input_shape}): {err}",
+                        field="model") from None
+    return model, out
+
+
+# ── verbs ────────────────────────────────────────────────────────────────────
+def cmd_prepare(args) -> int:
+    from pipeline.config import dataset_spec
+    from pipeline.data import prepare
+    config = _config(args)
+    names = args.datasets or sorted({*config.datasets, *config.experiments.values()})
+    for name in names:
+        out = Path(args.out) if args.out else config.paths.data / name
+        meta = prepare(name, dataset_spec(config, name, args.params), out)
+        print(f"{name}: {meta['sizes']} input {tuple(meta['input_shape'])} → {out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.spec import load_spec
+    config = _config(args)
+    for path in args.specs:
+        spec = load_spec(path)
+        shape = dataset_shape(config, spec.data.dataset, config.paths.data / spec.data.dataset, args.params)
+        model, out = check_buildable(spec, shape, path)
+        params = sum(p.numel() for p in model.parameters())
+        out_shape = tuple(out.shape[1:]) if hasattr(out, "shape") else "(see model)"
+        print(f"{path}: ok — {spec.name}: {spec.model.kind} for {spec.task} on {spec.data.dataset}, "
+              f"{params:,} parameters, input {shape.input_shape} → output {out_shape}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.config import tracking_uri
+    from pipeline.spec import load_spec
+    from pipeline.train import train_experiment
+    config = _config(args)
+    spec = load_spec(args.spec)
+    data = _ensure_prepared(config, spec.data.dataset, _data_dir(args, config, spec.data.dataset), args.params)
+    check_buildable(spec, data.shape, args.spec)
+    run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
+    metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
+    final = metrics["final"].get(f"val/{metrics['main_metric']}")
+    print(f"{spec.name}: {metrics['status']} after {metrics['epochs']} epochs, val/{metrics['main_metric']}="
+          f"{final if final is None else round(final, 4)}, {metrics['train_time_s']:.1f}s → {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.config import tracking_uri
+    from pipeline.evaluate import evaluate_run
+    from pipeline.spec import load_spec
+    config = _config(args)
+    spec = load_spec(args.spec)
+    data = _ensure_prepared(config, spec.data.dataset, _data_dir(args, config, spec.data.dataset), args.params)
+    run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")
+    result = evaluate_run(spec, data, run_dir, None if args.no_track else tracking_uri(config))
+    scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
+    print(f"{spec.name}: test {scalars}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.compare import compare
+    from pipeline.config import tracking_uri
+    config = _config(args)
+    names = args.experiments or list(config.experiments)
+    runs = Path(args.runs) if args.runs else config.paths.runs
+    out = Path(args.out) if args.out else config.paths.reports
+    table = compare(names, runs, out, None if args.no_track else tracking_uri(config))
+    print(f"compared {len(table)} experiments → {out}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from pipeline.schema import write_schemas
+    config = _config(args)
+    for path in write_schemas(Path(args.out) if args.out else config.paths.specs):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from pipeline.config import tracking_uri
+    from pipeline.ui import run_ui
+    return run_ui(tracking_uri(_config(args)), port=args.port)
+
+
+# ── argument parsing ─────────────────────────────────────────────────────────
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="archlab", description="Spec-driven experiments for deep neural networks.")
+    parser.add_argument("--params", default="params.yaml", help="project settings (default: params.yaml)")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("prepare", help="prepare datasets into data/prepared/NAME/")
+    p.add_argument("datasets", nargs="*", help="dataset names (default: every one params.yaml uses)")
+    p.add_argument("--out", help="output folder (one dataset only)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("validate", help="validate specs and build their models without training")
+    p.add_argument("specs", nargs="+", help="spec files")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train one experiment (resumes an interrupted run)")
+    p.add_argument("spec", help="spec file, e.g. specs/digits_mlp.yaml")
+    p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
+    p.add_argument("--out", help="run folder (default: runs/NAME)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run on the test split")
+    p.add_argument("spec", help="spec file")
+    p.add_argument("--data", help="prepared dataset folder")
+    p.add_argument("--run", help="run folder (default: runs/NAME)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="write the comparison reports")
+    p.add_argument("experiments", nargs="*", help="experiment names (default: params.yaml's experiments)")
+    p.add_argument("--runs", help="runs folder")
+    p.add_argument("--out", help="reports folder")
+    p.add_argument("--no-track", action="store_true", help="do not log the report to MLflow")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("schema", help="write the JSON schemas of specs for editors")
+    p.add_argument("--out", help="folder (default: specs/)")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1, light on memory")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"archlab: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("archlab: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""User mistakes: one exception type, rendered by the CLI as `file: field: message` and exit status 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+class UserError(Exception):
+    """A mistake in a spec, a data file or a command line. Never a bug of ours."""
+
+    def __init__(self, source: str | Path | None, message: str, field: str | None = None):
+        self.source = str(source) if source is not None else None
+        self.field = field
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.source, self.field) if p]
+        return ": ".join([*parts, self.message])
+
+
+def format_loc(loc: tuple, drop: frozenset[str] = frozenset()) -> str:
+    """('model', 'cnn', 'layers', 0, 'conv', 'channels') → 'model.layers[0].channels'.
+
+    Pydantic puts the discriminator tag of a union member in the path; users never wrote it, so drop it.
+    """
+    out = ""
+    prev = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in drop and (prev == "model" or isinstance(prev, int) or prev in ("candidates",)):
+            pass
+        else:
+            out += ("." if out else "") + str(part)
+        prev = part
+    return out or "(top level)"
+
+
+def from_validation_error(source: str | Path, err: ValidationError, drop: frozenset[str] = frozenset(),
+                          prefix: str = "") -> UserError:
+    """All of pydantic's complaints, one per line, each naming its field."""
+    lines = []
+    for e in err.errors(include_url=False):
+        field = format_loc((*([prefix] if prefix else []), *e["loc"]), drop)
+        lines.append(f"{field}: {e['msg']}")
+    first, rest = lines[0].split(": ", 1)
+    message = rest if len(lines) == 1 else rest + "".join(f"\n  {source}: {line}" for line in lines[1:])
+    return UserError(source, message, field=first)

@@ -1,0 +1,171 @@
+"""ExperimentSpec: one YAML file per experiment, validated by Pydantic, loaded with clear errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError, model_validator
+
+from models import MODEL_SPECS, ModelSpec
+from models.base import StrictModel
+from pipeline.errors import UserError, from_validation_error
+
+# A name becomes a folder and an MLflow run name: no slashes, no dots, no leading dash.
+Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+TaskName = Literal["classify", "regress", "seq2seq", "lm", "reconstruct", "generate"]
+
+
+class DataRef(StrictModel):
+    dataset: Slug = Field(description="Dataset name: a built-in (digits, mnist1d, diabetes, ...) or one declared under "
+                                      "`datasets:` in params.yaml.")
+    train_subset: PositiveInt | None = Field(default=None, description="Use only the first N training samples "
+                                             "(for overfitting studies); the validation and test sets stay whole.")
+
+
+class OptimizerSpec(StrictModel):
+    name: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="Optimizer.")
+    lr: PositiveFloat = Field(default=1e-3, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty (decoupled for adamw).")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
+    nesterov: bool = Field(default=False, description="Nesterov momentum (sgd only).")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam betas (adam, adamw only).")
+
+
+class ScheduleSpec(StrictModel):
+    name: Literal["constant", "step", "cosine"] = Field(default="constant", description="Learning-rate schedule "
+                                                        "after warmup.")
+    warmup_epochs: float = Field(default=0.0, ge=0.0, description="Linear warmup from 0 to the peak rate over this "
+                                 "many epochs.")
+    step_epochs: PositiveInt = Field(default=10, description="Epochs between decays (step only).")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="Decay factor per step (step only).")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="Final rate as a fraction of the peak "
+                                "(cosine only).")
+
+
+class EarlyStoppingSpec(StrictModel):
+    monitor: str = Field(default="val/loss", description="History column to watch, e.g. val/loss or val/accuracy.")
+    mode: Literal["min", "max"] = Field(default="min", description="Whether lower or higher is better.")
+    patience: PositiveInt = Field(default=10, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+
+class AugmentSpec(StrictModel):
+    noise_std: float = Field(default=0.0, ge=0.0, description="Std of Gaussian noise added to training inputs "
+                             "(in normalised units).")
+    max_shift: int = Field(default=0, ge=0, description="Roll training inputs by up to this many steps/pixels along "
+                           "each spatial axis.")
+
+
+class TrainSpec(StrictModel):
+    epochs: PositiveInt = Field(default=20, description="Epoch budget.")
+    max_steps: PositiveInt | None = Field(default=None, description="Optional step budget; training stops at "
+                                          "whichever budget ends first.")
+    batch_size: PositiveInt = Field(default=128, description="Samples per optimisation step.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and its settings.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
+    grad_clip: PositiveFloat | None = Field(default=None, description="Clip the global gradient norm to this value.")
+    early_stopping: EarlyStoppingSpec | None = Field(default=None, description="Stop when the monitored metric "
+                                                     "stalls; the best epoch's weights are kept.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-time data augmentation.")
+    seed: int = Field(default=0, ge=0, description="Seed for initialisation, batching and dropout.")
+    deterministic: bool = Field(default=False, description="Ask PyTorch for deterministic kernels (slower on GPU).")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when there is one, "
+                                                   "else cpu.")
+    checkpoint_every_s: float = Field(default=10.0, ge=0.0, description="Write a checkpoint at the end of an epoch "
+                                      "at most this often (0: every epoch); the last epoch is always written.")
+
+
+class DiagnosticsSpec(StrictModel):
+    enabled: bool = Field(default=True, description="Record gradient norms, update ratios and activation statistics.")
+    vanishing_ratio: PositiveFloat = Field(default=1e-3, description="Flag `vanishing` when the first layers' "
+                                           "gradient norm is below this fraction of the last layers'.")
+    exploding_factor: PositiveFloat = Field(default=50.0, description="Flag `exploding` when the global gradient "
+                                            "norm exceeds this multiple of its running median.")
+    dead_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="Flag `dead_units` when at least this "
+                                 "fraction of a layer's ReLU-family units never fire on the probe batch.")
+    unstable_ratio: PositiveFloat = Field(default=0.5, description="Flag `unstable` when the training loss's "
+                                          "epoch-to-epoch rises add up to more than this fraction of its total fall.")
+    overfit_patience: PositiveInt = Field(default=3, description="Epochs of rising validation loss, with training "
+                                          "loss still falling, that mark the onset of overfitting.")
+
+
+class ExperimentSpec(StrictModel):
+    """One experiment: which data, which task, which model, how to train it."""
+
+    name: Slug = Field(description="Experiment name: lowercase letters, digits, '-' and '_'; becomes runs/NAME/ and "
+                       "the MLflow run name.")
+    description: str = Field(default="", description="Free text shown in reports.")
+    data: DataRef = Field(description="Which dataset to train on.")
+    task: TaskName = Field(description="What the model learns: classify, regress, seq2seq, lm, reconstruct, generate.")
+    model: ModelSpec = Field(description="The architecture; `kind` picks the family.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+    diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec, description="Gradient-health and "
+                                         "overfitting diagnostics.")
+
+    @model_validator(mode="after")
+    def _model_serves_task(self) -> "ExperimentSpec":
+        if self.task not in self.model.tasks:
+            pairs = "; ".join(f"{cls.model_fields['kind'].annotation.__args__[0]}: {', '.join(sorted(cls.tasks))}"
+                              for cls in MODEL_SPECS)
+            raise ValueError(f"model kind {self.model.kind!r} cannot serve task {self.task!r}. Valid pairs: {pairs}")
+        return self
+
+    def spec_hash(self) -> str:
+        """Content hash of everything that affects training (not the description)."""
+        payload = self.model_dump(mode="json", exclude={"description"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def union_tags() -> frozenset[str]:
+    """Discriminator values pydantic puts in error paths (model kinds, layer types), hidden from users."""
+    tags: set[str] = set()
+    for cls in MODEL_SPECS:
+        tags.add(cls.model_fields["kind"].annotation.__args__[0])
+    from models.cnn import ConvLayer, DropoutLayer, NormLayer, PoolLayer
+    for layer in (ConvLayer, PoolLayer, NormLayer, DropoutLayer):
+        tags.add(layer.model_fields["type"].annotation.__args__[0])
+    return frozenset(tags)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping safely; a missing, empty or malformed file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(path, "file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UserError(path, f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        raise UserError(path, "the file is empty; an experiment spec needs at least name, data, task and model")
+    if not isinstance(raw, dict):
+        raise UserError(path, f"expected a mapping of fields at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def parse_spec(raw: dict, source: str | Path) -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        raise from_validation_error(source, err, union_tags()) from None
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Load and validate one spec file; every mistake becomes a UserError naming the file and field."""
+    return parse_spec(read_yaml(path), path)
+
+
+def spec_to_yaml(spec: ExperimentSpec, schema_ref: str = "schema.json") -> str:
+    header = f"# yaml-language-server: $schema={schema_ref}\n"
+    return header + yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+
+def json_schema() -> dict:
+    schema = ExperimentSpec.model_json_schema()
+    schema["title"] = "archlab experiment spec"
+    return schema

@@ -1,0 +1,96 @@
+"""MLflow: one run per experiment, per-epoch metrics logged in batches, resumable by run id.
+
+MLflow is imported lazily: `archlab validate` and the tests that do not track should not pay for it.
+"""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested spec → {'model.hidden': '[128, 128]', 'train.optimizer.lr': '0.001', ...} for MLflow params."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    else:
+        text = str(obj)
+        out[prefix] = text if len(text) <= 6000 else text[:5997] + "..."
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def metric_key(name: str) -> str:
+    """MLflow keys allow letters, digits, _ - . space / : only; module paths may carry others."""
+    return "".join(c if c.isalnum() or c in "_-./ :" else "_" for c in name)
+
+
+class Tracker:
+    """A thin handle on one MLflow run. Metrics are buffered and sent in one batch per flush."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        self._pending: list = []
+        if run_id is not None and self._exists(run_id):
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        self.run_id = run.info.run_id
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # noqa: BLE001 - a deleted store or foreign id: start a new run
+            return False
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=fresh[i:i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue metrics; nothing is sent until flush()."""
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self._pending += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()
+                          if v is not None and isinstance(v, (int, float))]
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), 1000):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+        self._pending = []
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
