@@ -43,6 +43,9 @@ class Task(Protocol):
 
     def test_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict: ...
 
+    # Optional: `end_epoch(model, epoch, run_dir, data) -> dict[str, float]`, called after validation each
+    # epoch; generative tasks write sample grids / sampled text there and may return extra history columns.
+
 
 def model_phases(model: nn.Module, default: LossFn) -> list[Phase]:
     """A model that trains in several phases (a GAN) says so with `training_phases()`; others get one."""

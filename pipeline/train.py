@@ -309,6 +309,10 @@ class Trainer:
                        **{f"val/{k}": v for k, v in val_metrics.items()},
                        "lr": self.schedulers[0].get_last_lr()[0], "epoch_time_s": epoch_time}
                 row.update(self.monitor.end_epoch(self.state.epoch))
+                # Tasks with per-epoch artifacts (sample grids, sampled text) write them here.
+                end_epoch = getattr(self.task, "end_epoch", None)
+                if end_epoch is not None:
+                    row.update(end_epoch(self.model, self.state.epoch, self.run_dir, self.data) or {})
                 self.state.history.append(row)
                 diverged = not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss"))
                 value = row.get(monitor_key, float("nan"))
