@@ -24,27 +24,36 @@ def _data_dir(args, config, dataset: str) -> Path:
     return Path(args.data) if args.data else config.paths.data / dataset
 
 
-def _ensure_prepared(config, dataset: str, folder: Path, params_path: str):
-    """Load a prepared dataset, preparing it first when this is a fresh checkout."""
+def _ensure_prepared(config, spec, folder: Path, spec_path: str):
+    """Load the spec's prepared dataset, preparing it first on a fresh checkout.
+
+    The model is checked against the data's shape before anything is written, so an impossible
+    architecture leaves no prepared folder behind.
+    """
     from pipeline.config import dataset_spec
-    from pipeline.data import load_prepared, prepare
-    if not (folder / "meta.json").is_file():
-        print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
-        prepare(dataset, dataset_spec(config, dataset, params_path), folder)
-    data = load_prepared(folder)
-    if data.meta["name"] != dataset:
-        raise UserError(folder, f"holds dataset {data.meta['name']!r} but the spec asks for {dataset!r}",
-                        field="data.dataset")
-    return data
+    from pipeline.data import build_arrays, load_prepared, shape_from_meta, write_prepared
+    dataset = spec.data.dataset
+    if (folder / "meta.json").is_file():
+        data = load_prepared(folder)
+        if data.meta["name"] != dataset:
+            raise UserError(folder, f"holds dataset {data.meta['name']!r} but the spec asks for {dataset!r}",
+                            field="data.dataset")
+        check_buildable(spec, data.shape, spec_path)
+        return data
+    arrays, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
+    check_buildable(spec, shape_from_meta(meta), spec_path)
+    print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
+    write_prepared(arrays, meta, folder)
+    return load_prepared(folder)
 
 
-def dataset_shape(config, dataset: str, folder: Path, params_path: str):
+def dataset_shape(config, dataset: str, folder: Path, spec_path: str):
     """The data's shape, from a prepared folder or, failing that, built in memory (nothing written)."""
     from pipeline.config import dataset_spec
     from pipeline.data import build_arrays, shape_from_meta
     if (folder / "meta.json").is_file():
         return shape_from_meta(json.loads((folder / "meta.json").read_text()))
-    _, meta = build_arrays(dataset, dataset_spec(config, dataset, params_path))
+    _, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
     return shape_from_meta(meta)
 
 
@@ -86,7 +95,7 @@ def cmd_validate(args) -> int:
     config = _config(args)
     for path in args.specs:
         spec = load_spec(path)
-        shape = dataset_shape(config, spec.data.dataset, config.paths.data / spec.data.dataset, args.params)
+        shape = dataset_shape(config, spec.data.dataset, config.paths.data / spec.data.dataset, path)
         model, out = check_buildable(spec, shape, path)
         params = sum(p.numel() for p in model.parameters())
         out_shape = tuple(out.shape[1:]) if hasattr(out, "shape") else "(see model)"
@@ -101,8 +110,7 @@ def cmd_train(args) -> int:
     from pipeline.train import train_experiment
     config = _config(args)
     spec = load_spec(args.spec)
-    data = _ensure_prepared(config, spec.data.dataset, _data_dir(args, config, spec.data.dataset), args.params)
-    check_buildable(spec, data.shape, args.spec)
+    data = _ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
     metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
     final = metrics["final"].get(f"val/{metrics['main_metric']}")
@@ -117,7 +125,7 @@ def cmd_evaluate(args) -> int:
     from pipeline.spec import load_spec
     config = _config(args)
     spec = load_spec(args.spec)
-    data = _ensure_prepared(config, spec.data.dataset, _data_dir(args, config, spec.data.dataset), args.params)
+    data = _ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
     if not (run_dir / "checkpoint.pt").is_file():
         raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")

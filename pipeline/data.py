@@ -351,6 +351,11 @@ def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], d
 def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
     """Write a prepared dataset folder atomically: a failure leaves no half-written folder behind."""
     arrays, meta = build_arrays(name, spec)
+    write_prepared(arrays, meta, out_dir)
+    return meta
+
+
+def write_prepared(arrays: dict[str, np.ndarray], meta: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
 
     def fill(tmp: Path) -> None:
@@ -359,7 +364,6 @@ def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
         atomic_write_json(tmp / "meta.json", meta)
 
     replace_dir(out_dir, fill)
-    return meta
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
