@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError
 
 from models.base import StrictModel
-from pipeline.data import BUILTIN_DATASETS, DatasetSpec
+from pipeline.data import BUILTIN_DATASETS, DATASET_SOURCES, DatasetSpec
 from pipeline.errors import UserError, from_validation_error
 from pipeline.spec import Slug, read_yaml
 
@@ -44,7 +44,8 @@ def load_config(path: str | Path = PARAMS_FILE) -> ProjectConfig:
     try:
         return ProjectConfig.model_validate(ours)
     except ValidationError as err:
-        raise from_validation_error(path, err) from None
+        tags = frozenset(cls.model_fields["source"].annotation.__args__[0] for cls in DATASET_SOURCES)
+        raise from_validation_error(path, err, tags) from None
 
 
 def dataset_spec(config: ProjectConfig, name: str, source: str | Path = PARAMS_FILE):

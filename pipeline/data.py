@@ -179,12 +179,12 @@ def _load_table(spec: TableSource) -> RawData:
         raise UserError(path, f"no column {spec.target_column!r}; columns are: {', '.join(map(str, frame.columns))}",
                         field="target_column")
     features = frame.drop(columns=[spec.target_column])
-    non_numeric = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
+    non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise UserError(path, f"feature columns must be numeric: {', '.join(map(str, non_numeric))}")
     target = frame[spec.target_column]
     classes = None
-    if spec.target != "value" and not np.issubdtype(target.dtype, np.number):
+    if spec.target != "value" and not pd.api.types.is_numeric_dtype(target):
         codes, uniques = pd.factorize(target, sort=True)
         y, classes = codes.astype(np.int64), [str(u) for u in uniques]
         kind, k = "class", len(uniques)

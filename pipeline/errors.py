@@ -20,21 +20,26 @@ class UserError(Exception):
         return ": ".join([*parts, self.message])
 
 
+# Fields whose values are discriminated unions: pydantic names the chosen tag right after them.
+_UNION_PARENTS = frozenset({"model", "candidates"})
+
+
 def format_loc(loc: tuple, drop: frozenset[str] = frozenset()) -> str:
     """('model', 'cnn', 'layers', 0, 'conv', 'channels') → 'model.layers[0].channels'.
 
-    Pydantic puts the discriminator tag of a union member in the path; users never wrote it, so drop it.
+    Pydantic puts the discriminator tag of a union member in the path; users never wrote it, so drop it
+    (after a union field, a list index, or a dataset's name under `datasets`).
     """
     out = ""
-    prev = None
+    seen: list = []
     for part in loc:
+        prev = seen[-1] if seen else None
+        after_union = prev in _UNION_PARENTS or isinstance(prev, int) or (len(seen) >= 2 and seen[-2] == "datasets")
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in drop and (prev == "model" or isinstance(prev, int) or prev in ("candidates",)):
-            pass
-        else:
+        elif not (part in drop and after_union):
             out += ("." if out else "") + str(part)
-        prev = part
+        seen.append(part)
     return out or "(top level)"
 
 
