@@ -1,0 +1,105 @@
+"""A real `dvc repro` of the project's own dvc.yaml in a temporary git clone, with shrunk budgets."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENTS = {"digits_mlp": "digits", "digits_lenet5": "digits", "diabetes_mlp": "diabetes"}
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def shrink_spec(path: Path, epochs: int = 2) -> None:
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["epochs"] = epochs
+    raw["train"].pop("early_stopping", None)
+    header = path.read_text().splitlines()[0]
+    path.write_text(header + "\n" + yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clone")
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    (root / "specs").mkdir()
+    for name in EXPERIMENTS:
+        shutil.copy(REPO / "specs" / f"{name}.yaml", root / "specs" / f"{name}.yaml")
+        shrink_spec(root / "specs" / f"{name}.yaml")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["experiments"] = EXPERIMENTS
+    params["datasets"] = {k: v for k, v in params["datasets"].items() if k in EXPERIMENTS.values()}
+    params["sweeps"] = []
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "init"], root)
+    run([sys.executable, "-m", "dvc", "repro"], root)
+    return root
+
+
+def test_repro_trains_evaluates_and_compares_every_experiment(clone):
+    rows = list(csv.DictReader((clone / "reports" / "leaderboard.csv").open()))
+    assert sorted(r["experiment"] for r in rows) == sorted(EXPERIMENTS)
+    assert all(r["status"] == "finished" for r in rows)
+    for row in rows:
+        assert float(row["test_metric"]) == pytest.approx(
+            __import__("json").loads((clone / "runs" / row["experiment"] / "eval.json").read_text())["test"][row["metric"]])
+    md = (clone / "reports" / "comparison.md").read_text()
+    assert all(name in md for name in EXPERIMENTS)
+
+
+def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.kind != ''")
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(EXPERIMENTS) <= set(by_name)
+    for name in EXPERIMENTS:
+        r = by_name[name]
+        assert len(client.get_metric_history(r.info.run_id, "val/loss")) == 2
+        assert any(k.startswith("test/") for k in r.data.metrics)
+
+
+def test_a_second_repro_changes_nothing(clone):
+    out = run([sys.executable, "-m", "dvc", "repro"], clone).stdout
+    assert "didn't change, skipping" in out or "up to date" in out
+    assert "Running stage" not in out
+
+
+def test_changing_one_spec_reruns_only_that_experiment_and_compare(clone):
+    spec = clone / "specs" / "digits_mlp.yaml"
+    spec.write_text(spec.read_text().replace("dropout: 0.2", "dropout: 0.3"))
+    status = run([sys.executable, "-m", "dvc", "status"], clone).stdout
+    stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert "train@digits_mlp" in stale
+    assert "train@diabetes_mlp" not in stale and "train@digits_lenet5" not in stale
+    out = run([sys.executable, "-m", "dvc", "repro"], clone).stdout
+    assert "Running stage 'train@digits_mlp'" in out and "Running stage 'compare'" in out
+    assert "Running stage 'train@diabetes_mlp'" not in out
+
+
+def test_metrics_are_declared_for_dvc(clone):
+    out = run([sys.executable, "-m", "dvc", "metrics", "show"], clone).stdout
+    assert "runs/digits_mlp/eval.json" in out and "runs/digits_mlp/metrics.json" in out
