@@ -107,16 +107,34 @@ class ExperimentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _model_serves_task(self) -> "ExperimentSpec":
-        if self.task not in self.model.tasks:
-            pairs = "; ".join(f"{cls.model_fields['kind'].annotation.__args__[0]}: {', '.join(sorted(cls.tasks))}"
-                              for cls in MODEL_SPECS)
-            raise ValueError(f"model kind {self.model.kind!r} cannot serve task {self.task!r}. Valid pairs: {pairs}")
+        served = served_tasks(self.model)
+        if self.task not in served:
+            # A family whose tasks depend on its settings (a transformer's shape) says which it serves as configured.
+            why = f" as configured (it serves {', '.join(sorted(served))})" if served != self.model.tasks else ""
+            raise ValueError(f"model kind {self.model.kind!r} cannot serve task {self.task!r}{why}. "
+                             f"Valid pairs: {valid_pairs()}")
         return self
 
     def spec_hash(self) -> str:
         """Content hash of everything that affects training (not the description)."""
         payload = self.model_dump(mode="json", exclude={"description"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def served_tasks(model) -> frozenset[str]:
+    """Tasks a model spec serves: its family's `tasks`, or per instance when the family defines `served_tasks()`."""
+    per_instance = getattr(model, "served_tasks", None)
+    return per_instance() if callable(per_instance) else model.tasks
+
+
+def valid_pairs() -> str:
+    """'kind: task, task; ...' for error messages; a family may word its entry with `describe_tasks()`."""
+    parts = []
+    for cls in MODEL_SPECS:
+        describe = getattr(cls, "describe_tasks", None)
+        tasks = describe() if callable(describe) else ", ".join(sorted(cls.tasks))
+        parts.append(f"{cls.model_fields['kind'].annotation.__args__[0]}: {tasks}")
+    return "; ".join(parts)
 
 
 def union_tags() -> frozenset[str]:
