@@ -408,15 +408,18 @@ def mlflow_experiment_name(spec: ExperimentSpec) -> str:
 def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared, run_dir: str | Path,
                      tracking_uri: str | None, callbacks: list[EpochCallback] | None = None,
                      progress: bool = True, parent_run_id: str | None = None,
-                     extra_tags: dict[str, str] | None = None) -> dict:
-    """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given."""
+                     extra_tags: dict[str, str] | None = None, experiment: str | None = None) -> dict:
+    """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given.
+
+    `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
+    """
     from pipeline.cost import measure_cost
     from pipeline.tracking import flatten, git_commit
 
     run_dir = Path(run_dir)
 
     def open_tracker(run_id: str | None) -> Tracker:
-        tracker = Tracker(tracking_uri, mlflow_experiment_name(spec), run_id=run_id, run_name=spec.name,
+        tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id, run_name=spec.name,
                           parent_run_id=parent_run_id)
         tracker.log_params(flatten(spec.model_dump(mode="json")))
         tracker.set_tags({"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
