@@ -6,13 +6,16 @@ from typing import Annotated
 from pydantic import Field
 
 from models import cnn, mlp  # noqa: F401  (each module registers its builder on import)
+from models import transformer, vit  # noqa: F401
 from models.cnn import CNNSpec
 from models.mlp import MLPSpec
+from models.transformer import TransformerSpec
+from models.vit import ViTSpec
 from models.registry import DataShape, build_model, registered_kinds
 
 # Every family's spec class, in the order the docs list them. Adding a family = one import + one entry here.
-MODEL_SPECS = (MLPSpec, CNNSpec)
+MODEL_SPECS = (MLPSpec, CNNSpec, ViTSpec, TransformerSpec)
 
-ModelSpec = Annotated[MLPSpec | CNNSpec, Field(discriminator="kind")]
+ModelSpec = Annotated[MLPSpec | CNNSpec | ViTSpec | TransformerSpec, Field(discriminator="kind")]
 
 __all__ = ["MODEL_SPECS", "ModelSpec", "DataShape", "build_model", "registered_kinds"]

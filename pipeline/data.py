@@ -15,7 +15,7 @@ from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from models.base import StrictModel
 from models.registry import DataShape
@@ -76,10 +76,46 @@ class IdxSource(StrictModel):
     split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
 
 
+class SequenceSource(StrictModel):
+    source: Literal["sequence"] = Field(description="Synthetic seq2seq pairs generated offline (pipeline/synthetic.py"
+                                        "): reverse, sort or copy a random symbol string, or add two numbers.")
+    task: Literal["reverse", "sort", "copy", "add"] = Field(default="reverse", description="reverse, sort or copy "
+                                                            "the source string; add: 'a+b' → the digits of the sum.")
+    symbols: int = Field(default=10, ge=2, le=1000, description="reverse/sort/copy: distinct symbols; add: the number "
+                         "base (2 to 10). Token ids 0-2 are PAD, BOS, EOS; symbols follow.")
+    min_len: PositiveInt = Field(default=1, description="Shortest source string (add: fewest digits per operand).")
+    max_len: PositiveInt = Field(default=10, description="Longest source string (add: most digits per operand).")
+    samples: int = Field(default=10000, ge=10, description="Pairs generated in all, before the split.")
+    seed: int = Field(default=0, ge=0, description="Seed of the generator.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+    @model_validator(mode="after")
+    def _lengths_and_base(self) -> "SequenceSource":
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len {self.min_len} is larger than max_len {self.max_len}")
+        if self.task == "add" and self.symbols > 10:
+            raise ValueError(f"add works in a base of 2 to 10 (symbols), got {self.symbols}")
+        return self
+
+
+class CorpusSource(StrictModel):
+    source: Literal["corpus"] = Field(description="Character-level text for language modelling, cut into chunks of "
+                                      "`context` characters. Default: generated offline from the project's small "
+                                      "probabilistic grammar, whose exact entropy goes into meta.json.")
+    path: Path | None = Field(default=None, description="A UTF-8 text file to use instead of the generated corpus.")
+    characters: int = Field(default=300_000, ge=1000, description="Length of the generated corpus (ignored with "
+                            "path).")
+    context: int = Field(default=64, ge=2, description="Characters per training example; the model predicts each "
+                         "from the ones before it in the same chunk.")
+    seed: int = Field(default=0, ge=0, description="Seed of the generator.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split: the test set is the "
+                             "text's tail, validation chunks are drawn from the rest.")
+
+
 DATASET_SOURCES: list[type[StrictModel]] = [DigitsSource, Mnist1dSource, DiabetesSource, NpzSource, TableSource,
-                                            IdxSource]
-DatasetSpec = Annotated[DigitsSource | Mnist1dSource | DiabetesSource | NpzSource | TableSource | IdxSource,
-                        Field(discriminator="source")]
+                                            IdxSource, SequenceSource, CorpusSource]
+DatasetSpec = Annotated[DigitsSource | Mnist1dSource | DiabetesSource | NpzSource | TableSource | IdxSource
+                        | SequenceSource | CorpusSource, Field(discriminator="source")]
 
 # Built-in datasets usable by name without a declaration in params.yaml.
 BUILTIN_DATASETS: dict[str, StrictModel] = {
@@ -229,10 +265,56 @@ def _load_idx(spec: IdxSource) -> RawData:
                    y_test=yt.astype(np.int64), target="class", num_classes=k)
 
 
+def _load_sequence(spec: SequenceSource) -> RawData:
+    from pipeline.synthetic import addition_sequences, symbol_sequences
+    if spec.task == "add":
+        data = addition_sequences(spec.symbols, spec.min_len, spec.max_len, spec.samples, spec.seed)
+    else:
+        data = symbol_sequences(spec.task, spec.symbols, spec.min_len, spec.max_len, spec.samples, spec.seed)
+    return RawData(x=data.source, y=data.target, target="tokens", extra_meta={
+        "vocab_size": len(data.itos), "max_len": data.source.shape[1], "target_len": data.target.shape[1],
+        "itos": data.itos, "sequence_task": spec.task})
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(path, "text file not found", field="path")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(path, f"not UTF-8 text (byte {exc.start}): {exc.reason}", field="path") from None
+
+
+def _load_corpus(spec: CorpusSource) -> RawData:
+    """Chunks of `context` characters: x = text[i:i+T], y = text[i+1:i+T+1] (the next character at every step)."""
+    from pipeline.synthetic import generate_corpus, grammar_entropy
+    text = _read_text(spec.path) if spec.path else generate_corpus(spec.characters, spec.seed)
+    t = spec.context
+    chunks = (len(text) - 1) // t
+    if chunks < 20:
+        raise UserError(spec.path or "corpus", f"the text has {len(text)} characters: too short for 20 chunks of "
+                        f"context {t}", field="path" if spec.path else "characters")
+    itos = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(itos)}
+    ids = np.fromiter((stoi[c] for c in text), dtype=np.int64, count=len(text))
+    starts = np.arange(chunks) * t
+    windows = ids[starts[:, None] + np.arange(t + 1)[None, :]]  # (chunks, T + 1)
+    # The test set is the tail of the text (unseen contiguous text, as with a user's file), never mixed in.
+    n_test = max(1, int(round(chunks * spec.split.test_fraction)))
+    x, y = windows[:, :-1], windows[:, 1:]
+    extra = {"vocab_size": len(itos), "max_len": t, "itos": itos, "characters": len(text),
+             "corpus": str(spec.path) if spec.path else "grammar"}
+    if spec.path is None:
+        extra["entropy"] = grammar_entropy()  # bits per character: the floor any model's test bpc can reach
+    return RawData(x=x[:-n_test], y=y[:-n_test], x_test=x[-n_test:], y_test=y[-n_test:], target="tokens",
+                   extra_meta=extra)
+
+
 # One loader per source; a new source is a spec class above plus one entry here.
 LOADERS: dict[str, Callable[[StrictModel], RawData]] = {
     "digits": _load_digits, "mnist1d": _load_mnist1d, "diabetes": _load_diabetes,
     "npz": _load_npz, "table": _load_table, "idx": _load_idx,
+    "sequence": _load_sequence, "corpus": _load_corpus,
 }
 
 
@@ -320,7 +402,7 @@ def shape_from_meta(meta: dict) -> DataShape:
 def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], dict]:
     """Load a source, check it, split and normalise it: everything but writing."""
     raw = LOADERS[spec.source](spec)
-    where = str(getattr(spec, "path", name))
+    where = str(getattr(spec, "path", None) or name)
     _check(raw, where)
     arrays, stats = split_and_normalise(raw, spec.split)
     digest = hashlib.sha256()

@@ -5,12 +5,17 @@ The engine knows nothing of accuracy or R²: a task turns a batch into a loss pl
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.tokens import BOS, EOS, PAD
+from pipeline.io import atomic_write_text
 
 Stats = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Stats]]
@@ -143,8 +148,187 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
+# ── seq2seq ──────────────────────────────────────────────────────────────────
+# Contract with the models (transformer encoder_decoder, seq2seq_rnn); ids from models/tokens.py:
+#   x = source (B, S), PAD-padded; y = target (B, T), ending in EOS then PAD;
+#   model(src, tgt_in) → logits (B, T, V) with tgt_in = [BOS] + y[:, :-1] (teacher forcing);
+#   model.generate(src, max_len) → (B, max_len) greedy tokens, PAD after EOS.
+def teacher_forcing_input(y: torch.Tensor) -> torch.Tensor:
+    """The decoder's input: the target shifted right by one, starting with BOS. (B, T) → (B, T)."""
+    return torch.cat([y.new_full((len(y), 1), BOS), y[:, :-1]], dim=1)
+
+
+def _seq2seq_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Cross-entropy per non-PAD target token, with the true previous tokens fed in (teacher forcing)."""
+    logits = model(x, teacher_forcing_input(y))  # (B, T, V)
+    real = y != PAD
+    tokens = real.sum().float()
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD, reduction="sum")
+    correct = ((logits.detach().argmax(-1) == y) & real).sum().float()
+    return loss_sum / tokens.clamp(min=1), {"loss": loss_sum.detach(), "tokens": tokens, "tf_correct": correct,
+                                            "n": y.new_tensor(len(y), dtype=torch.float32)}
+
+
+def _greedy_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Greedy decoding, no teacher: per-token hits and whole sequences right (EOS in the right place included)."""
+    pred = model.generate(x, y.shape[1])  # (B, T)
+    real = y != PAD
+    hits = (pred == y) & real
+    exact = (hits | ~real).all(dim=1)  # (B,)
+    return pred, {"greedy_correct": hits.sum().float(), "exact": exact.sum().float()}
+
+
+@dataclass
+class Seq2SeqTask:
+    name: str = "seq2seq"
+    metric: str = "exact_accuracy"
+    mode: Literal["min", "max"] = "max"
+
+    def phases(self, model: nn.Module) -> list[Phase]:
+        return model_phases(model, _seq2seq_loss)
+
+    def eval_stats(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        return {**_seq2seq_loss(model, x, y)[1], **_greedy_stats(model, x, y)[1]}
+
+    def summarize(self, stats: dict[str, float]) -> dict[str, float]:
+        tokens = max(stats["tokens"], 1.0)
+        out = {"loss": stats["loss"] / tokens, "teacher_forced_accuracy": stats["tf_correct"] / tokens}
+        if "greedy_correct" in stats:  # validation and test: the model on its own
+            out["token_accuracy"] = stats["greedy_correct"] / tokens
+            out["exact_accuracy"] = stats["exact"] / max(stats["n"], 1.0)
+        return out
+
+    @torch.no_grad()
+    def test_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: dict,
+                     batch_size: int = 1024, examples: int = 8) -> dict:
+        """Token and exact-sequence accuracy by greedy decoding, exact accuracy per source length, examples."""
+        model.eval()
+        total: dict[str, torch.Tensor] = {}
+        preds = []
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            pred, greedy = _greedy_stats(model, xb, yb)
+            preds.append(pred)
+            for k, v in {**_seq2seq_loss(model, xb, yb)[1], **greedy}.items():
+                total[k] = total[k] + v if k in total else v
+        pred = torch.cat(preds)
+        stats = self.summarize({k: v.item() for k, v in total.items()})
+        real = y != PAD
+        exact = ((pred == y) | ~real).all(dim=1)
+        lengths = (x != PAD).sum(dim=1)
+        by_length = {int(n): round(exact[lengths == n].float().mean().item(), 4) for n in lengths.unique()}
+        itos = meta.get("itos")
+        shown = [{"source": decode_tokens(x[i], itos), "target": decode_tokens(y[i], itos),
+                  "predicted": decode_tokens(pred[i], itos)} for i in range(min(examples, len(x)))]
+        return {"token_accuracy": stats["token_accuracy"], "exact_accuracy": stats["exact_accuracy"],
+                "cross_entropy": stats["loss"], "exact_accuracy_by_source_length": by_length, "examples": shown}
+
+
+def decode_tokens(ids: torch.Tensor, itos: list[str] | None) -> str:
+    """Token ids → text up to the first EOS, PAD and BOS dropped (ids themselves when there is no table)."""
+    out = []
+    for i in ids.tolist():
+        if i == EOS:
+            break
+        if i in (PAD, BOS):
+            continue
+        out.append(itos[i] if itos and i < len(itos) else f"[{i}]")
+    return ("" if all(len(s) == 1 for s in out) else " ").join(out)
+
+
+# ── lm ───────────────────────────────────────────────────────────────────────
+# Contract: x = tokens (B, T), y = x shifted by one (B, T); model(x) → logits (B, T, V), position t seeing
+# x[:, :t+1] only; model.sample(prefix (1, P) long, n_tokens, temperature, generator) → (1, P + n).
+def _lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Mean of −log P(x_t | x_<t) over every position: the loss −Σ log P(x_t | x_<t), per token."""
+    logits = model(x)  # (B, T, V)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    tokens = y.new_tensor(y.numel(), dtype=torch.float32)
+    return loss_sum / y.numel(), {"loss": loss_sum.detach(), "tokens": tokens}
+
+
+def text_from_ids(ids: list[int], itos: list[str] | None) -> str:
+    return "".join(itos[i] if itos and i < len(itos) else f"[{i}]" for i in ids)
+
+
+@torch.no_grad()
+def sample_text(model: nn.Module, prompt: torch.Tensor, itos: list[str] | None, n_tokens: int, seed: int,
+                temperature: float = 1.0) -> str:
+    """'prompt|continuation': the model's own text after a prompt from the data, drawn with a fixed seed.
+
+    A dedicated generator, so sampling never moves the training RNG (a resumed run stays identical).
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    seq = model.sample(prompt[None].long(), n_tokens, temperature, generator)  # (1, P + n)
+    model.train(was_training)
+    ids = seq[0].tolist()
+    return text_from_ids(ids[:len(prompt)], itos) + "|" + text_from_ids(ids[len(prompt):], itos)
+
+
+@dataclass
+class LMTask:
+    name: str = "lm"
+    metric: str = "bits_per_char"
+    mode: Literal["min", "max"] = "min"
+    prompt_len: int = 16
+    sample_tokens: int = 200
+
+    def phases(self, model: nn.Module) -> list[Phase]:
+        return model_phases(model, _lm_loss)
+
+    def eval_stats(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        return _lm_loss(model, x, y)[1]
+
+    def summarize(self, stats: dict[str, float]) -> dict[str, float]:
+        nats = stats["loss"] / max(stats["tokens"], 1.0)  # cross-entropy per token, natural log
+        return {"loss": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(min(nats, 700.0))}
+
+    def end_epoch(self, model: nn.Module, epoch: int, run_dir, data) -> dict[str, float]:
+        """Append this epoch's sampled text to runs/NAME/samples.txt (a resumed run replaces later epochs)."""
+        prompt = data.tensors["val_x"][0, :self.prompt_len].to(next(model.parameters()).device)
+        text = sample_text(model, prompt, data.meta.get("itos"), self.sample_tokens, seed=epoch)
+        path = Path(run_dir) / "samples.txt"
+        sections = _epoch_sections(path.read_text() if path.is_file() else "")
+        sections = [(e, body) for e, body in sections if e < epoch] + [(epoch, text)]
+        atomic_write_text(path, "".join(f"=== epoch {e} ===\n{body}\n" for e, body in sections))
+        return {}
+
+    @torch.no_grad()
+    def test_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: dict,
+                     batch_size: int = 256) -> dict:
+        """Cross-entropy (nats), bits per character and perplexity on the test text, the grammar's entropy
+        floor when known, and a sampled text."""
+        model.eval()
+        total: dict[str, torch.Tensor] = {}
+        for i in range(0, len(x), batch_size):
+            for k, v in _lm_loss(model, x[i:i + batch_size], y[i:i + batch_size])[1].items():
+                total[k] = total[k] + v if k in total else v
+        stats = self.summarize({k: v.item() for k, v in total.items()})
+        out = {"cross_entropy": stats["loss"], "bits_per_char": stats["bits_per_char"],
+               "perplexity": stats["perplexity"]}
+        entropy = (meta.get("entropy") or {}).get("bits_per_char")
+        if entropy is not None:
+            out["entropy_bits_per_char"] = entropy  # the source's true entropy rate: no model can go below it
+            out["excess_bits_per_char"] = stats["bits_per_char"] - entropy
+        out["sample"] = sample_text(model, x[0, :self.prompt_len], meta.get("itos"), 4 * self.sample_tokens, seed=0)
+        return out
+
+
+def _epoch_sections(text: str) -> list[tuple[int, str]]:
+    """samples.txt → [(epoch, sample)], parsed from its '=== epoch N ===' headers."""
+    sections = []
+    for chunk in text.split("=== epoch ")[1:]:
+        header, _, body = chunk.partition(" ===\n")
+        if header.isdigit():
+            sections.append((int(header), body[:-1] if body.endswith("\n") else body))
+    return sections
+
+
 # One entry per task name; the zoo adds seq2seq, lm, reconstruct and generate.
-TASKS: dict[str, Callable[[], Task]] = {"classify": ClassifyTask, "regress": RegressTask}
+TASKS: dict[str, Callable[[], Task]] = {"classify": ClassifyTask, "regress": RegressTask, "seq2seq": Seq2SeqTask,
+                                        "lm": LMTask}
 
 
 def make_task(name: str, meta: dict | None = None) -> Task:
