@@ -79,17 +79,39 @@ class TrainSpec(StrictModel):
 
 
 class DiagnosticsSpec(StrictModel):
-    enabled: bool = Field(default=True, description="Record gradient norms, update ratios and activation statistics.")
-    vanishing_ratio: PositiveFloat = Field(default=1e-3, description="Flag `vanishing` when the first layers' "
-                                           "gradient norm is below this fraction of the last layers'.")
-    exploding_factor: PositiveFloat = Field(default=50.0, description="Flag `exploding` when the global gradient "
-                                            "norm exceeds this multiple of its running median.")
-    dead_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="Flag `dead_units` when at least this "
-                                 "fraction of a layer's ReLU-family units never fire on the probe batch.")
-    unstable_ratio: PositiveFloat = Field(default=0.5, description="Flag `unstable` when the training loss's "
-                                          "epoch-to-epoch rises add up to more than this fraction of its total fall.")
-    overfit_patience: PositiveInt = Field(default=3, description="Epochs of rising validation loss, with training "
-                                          "loss still falling, that mark the onset of overfitting.")
+    enabled: bool = Field(default=True, description="Record gradient-health diagnostics while training (off: only "
+                          "the overfitting analysis of the history, which costs nothing).")
+    grad_norms: bool = Field(default=True, description="Per-layer gradient norms at every step (one fused norm "
+                             "call per step, read once per epoch).")
+    update_ratio: bool = Field(default=True, description="Per-layer update-to-weight ratio |lr*update|/|w|, "
+                               "measured on one step per epoch.")
+    activation_stats: bool = Field(default=True, description="Activation mean, std and dead-unit fraction on a "
+                                   "fixed probe batch at the end of each epoch.")
+    vanishing_ratio: PositiveFloat = Field(default=1e-3, description="Flag `vanishing` when the earliest weight "
+                                           "layers' gradient norm is below this fraction of the last layers' "
+                                           "(median over epochs).")
+    exploding_factor: PositiveFloat = Field(default=100.0, description="Flag `exploding` when a step's global "
+                                            "gradient norm exceeds this multiple of the running median of the "
+                                            "500 steps before it (or a gradient is Inf/NaN). Healthy default runs "
+                                            "jump up to about 70x when they leave a plateau.")
+    dead_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="Flag `dead_units` when, at the last "
+                                 "epoch, at least this fraction of a ReLU-family layer's output units never fire "
+                                 "on the probe batch.")
+    unstable_ratio: PositiveFloat = Field(default=0.25, description="Flag `unstable` when the training loss "
+                                          "climbs back above its best-so-far by more than this fraction of its "
+                                          "whole fall (first epoch to lowest).")
+    overfit_patience: PositiveInt = Field(default=3, description="Epochs after the validation-loss minimum, with "
+                                          "training loss still falling, before overfitting can be called; also the "
+                                          "window of the `underfit` rule.")
+    overfit_tolerance: float = Field(default=0.1, ge=0.0, description="Overfitting sets in when the validation "
+                                     "loss ends more than this fraction above its minimum (0.1 = 10%) while the "
+                                     "training loss kept falling.")
+    overfit_gap: float = Field(default=0.05, ge=0.0, description="Verdict `overfit` also needs the main metric's "
+                               "validation-training gap at the final epoch to be at least this, in the metric's "
+                               "units (0.05 = 5 accuracy points).")
+    underfit_fall: float = Field(default=0.05, ge=0.0, description="Verdict `underfit` when more than this fraction "
+                                 "of the training loss's whole fall came in the last `overfit_patience` epochs "
+                                 "(still falling), or when it fell by less than 10% overall.")
 
 
 class ExperimentSpec(StrictModel):

@@ -325,6 +325,7 @@ class Trainer:
                 if self.tracker is not None:
                     self.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "step")},
                                              step=self.state.epoch)
+                    self.tracker.log_metrics(self.monitor.mlflow_metrics(), step=self.state.epoch)  # grad_norm/<layer>
                 done = diverged or self.state.epoch >= spec.train.epochs or self.state.step >= self.total_steps
                 if es and self.state.bad_epochs >= es.patience:
                     done = True
@@ -384,7 +385,8 @@ class Trainer:
         metrics = self.metrics()
         atomic_write_text(self.run_dir / "history.csv", history_csv(self.state.history))
         atomic_write_json(self.run_dir / "metrics.json", metrics)
-        atomic_write_json(self.run_dir / "diagnostics.json", self.monitor.summary(self.state.history, self.spec.diagnostics))
+        diagnostics = self.monitor.summary(self.state.history, self.spec.diagnostics, metrics)  # reads status, metric
+        atomic_write_json(self.run_dir / "diagnostics.json", diagnostics)
         return metrics
 
 
