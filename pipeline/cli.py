@@ -155,6 +155,29 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pipeline.config import tracking_uri
+    from pipeline.sweep import default_storage_url, load_sweep, run_sweep
+    config = _config(args)
+    if args.workers < 1:
+        raise UserError(None, f"--workers must be at least 1, got {args.workers}")
+    sweep = load_sweep(args.sweep, config.paths.specs)
+    first = next(iter(sweep.bases))
+    data_dir = _data_dir(args, config, sweep.dataset)
+    _ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
+    storage = args.storage or default_storage_url(config.paths.sweeps, sweep.name)
+    report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
+    result = run_sweep(sweep, data_dir, config.paths.runs / "sweeps" / sweep.name, report_dir, storage,
+                       workers=args.workers, tracking_uri=None if args.no_track else tracking_uri(config),
+                       specs_dir=config.paths.specs)
+    if result.recovered:
+        print(f"requeued trials left running by a stopped worker: {result.recovered}")
+    best = result.best
+    shown = f", best {best['candidate']} (trial {best['trial']})" if "trial" in best else ""
+    print(f"{sweep.name}: study {result.study_name}, {result.trials} trials ({result.ran} new){shown} → {report_dir}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from pipeline.config import tracking_uri
     from pipeline.ui import run_ui
@@ -200,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="write the JSON schemas of specs for editors")
     p.add_argument("--out", help="folder (default: specs/)")
     p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("sweep", help="search architectures and hyperparameters with Optuna (resumes the study)")
+    p.add_argument("sweep", help="sweep spec, e.g. specs/sweeps/mnist1d_arch.yaml")
+    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the study and the cores")
+    p.add_argument("--storage", help="Optuna storage: an RDB URL (sqlite:///x.db, postgresql://...) or a journal "
+                                     "file path (default: sweeps/NAME.journal)")
+    p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
+    p.add_argument("--out", help="report folder (default: reports/sweeps/NAME)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1, light on memory")
     p.add_argument("--port", type=int, default=5000)

@@ -9,8 +9,9 @@ from pipeline.spec import json_schema
 
 
 def schema_files() -> dict[str, dict]:
-    """File name (relative to specs/) → schema. The sweep schema joins here when sweeps exist."""
-    return {"schema.json": json_schema()}
+    """File name (relative to specs/) → schema."""
+    from pipeline.sweep import json_schema as sweep_schema
+    return {"schema.json": json_schema(), "sweeps/schema.json": sweep_schema()}
 
 
 def render(schema: dict) -> str:

@@ -1,0 +1,211 @@
+"""Sweep efficiency: what pruning saves, what a second worker buys, and which local storage holds up.
+
+Three measurements, each in a fresh temporary project (MNIST-1D prepared there, MLflow in a temporary
+SQLite store, as `dvc repro` would track):
+
+  pruning   the default sweep (specs/sweeps/mnist1d_arch.yaml) at a fixed number of trials, with its
+            median pruner and with `pruner: none`, same seed: wall time, best value, trials pruned
+  workers   the same sweep without pruning on 1 and on 2 workers (each worker gets cores / workers
+            torch threads): trials per minute, failed trials, storage errors, worker exit codes
+  storage   K processes hammering one study with empty trials (ask, 3 suggestions, 10 reports with
+            a pruning check, tell): trials per second and storage errors, SQLite against a journal file
+
+    python bench/bench_sweep.py                          # all three, 12 trials of 6 epochs
+    python bench/bench_sweep.py --only storage --stress-procs 2 4
+    python bench/bench_sweep.py --trials 16 --epochs 8 --only pruning
+
+Results go to stdout as a table and, with --json FILE, as JSON. The machine is shared: repeat and
+compare within one invocation only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def make_project(root: Path) -> Path:
+    """A project in `root`: the repo's specs and params, MNIST-1D prepared there."""
+    import shutil
+    from pipeline.cli import main
+    shutil.copytree(REPO / "specs", root / "specs")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(["prepare", "mnist1d"])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def sweep_variant(root: Path, name: str, trials: int, epochs: int, pruner: str, candidates: list[str] | None) -> Path:
+    raw = yaml.safe_load((REPO / "specs/sweeps/mnist1d_arch.yaml").read_text())
+    raw["name"] = name
+    raw["budget"] = {"trials": trials, "epochs": epochs}
+    raw["pruner"]["name"] = pruner
+    if candidates:
+        raw["candidates"] = {k: v for k, v in raw["candidates"].items() if k in candidates}
+    path = root / "specs" / "sweeps" / f"{name}.yaml"
+    path.write_text("# yaml-language-server: $schema=schema.json\n" + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
+    """One sweep, timed; counts of trial states and storage errors from the study."""
+    import optuna
+    from optuna.trial import TrialState
+    from pipeline.sweep import default_storage_url, load_sweep, open_storage, run_sweep
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        sweep = load_sweep(path, "specs")
+        url = default_storage_url("sweeps", sweep.name) if storage == "journal" else f"sqlite:///sweeps/{sweep.name}.db"
+        start = time.perf_counter()
+        error = None
+        try:
+            run_sweep(sweep, Path("data/prepared/mnist1d"), Path("runs/sweeps") / sweep.name,
+                      Path("reports/sweeps") / sweep.name, url, workers=workers, tracking_uri="sqlite:///mlflow.db")
+        except Exception as err:  # noqa: BLE001 - a bench reports failures, it does not stop on them
+            error = f"{type(err).__name__}: {err}"
+        wall = time.perf_counter() - start
+        study = optuna.load_study(study_name=sweep.study_name, storage=open_storage(url))
+        trials = study.get_trials()
+        states = [t.state for t in trials]
+        reasons = [t.user_attrs.get("fail_reason", "") for t in trials if t.state == TrialState.FAIL]
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = max((t.values[0] for t in complete), default=float("nan"))
+        return {"wall_s": round(wall, 1), "trials": len(trials), "complete": states.count(TrialState.COMPLETE),
+                "pruned": states.count(TrialState.PRUNED), "failed": states.count(TrialState.FAIL),
+                "storage_errors": sum(("locked" in r or "OperationalError" in r or "storage" in r.lower())
+                                      for r in reasons),
+                "best": round(best, 4), "trials_per_min": round(len(trials) / wall * 60, 2), "error": error}
+    finally:
+        os.chdir(cwd)
+
+
+# ── storage stress: empty trials, many processes ─────────────────────────────
+def _hammer(url: str, study_name: str, trials: int, steps: int, out) -> None:
+    import optuna
+    from pipeline.sweep import open_storage
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    errors, done, first_error = 0, 0, ""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url),
+                              pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for _ in range(trials):
+        try:
+            trial = study.ask()
+            x = trial.suggest_float("x", 1e-4, 1.0, log=True)
+            trial.suggest_int("n", 1, 8)
+            trial.suggest_categorical("c", ["a", "b"])
+            for step in range(1, steps + 1):
+                trial.report(x * step, step)
+                trial.should_prune()
+            study.tell(trial, x)
+            done += 1
+        except Exception as err:  # noqa: BLE001 - counted: this is what the measurement is about
+            errors += 1
+            first_error = first_error or f"{type(err).__name__}: {err}"[:200]
+    out.put({"done": done, "errors": errors, "first_error": first_error})
+
+
+def stress_storage(kind: str, procs: int, trials: int, steps: int, folder: Path) -> dict:
+    import optuna
+    from pipeline.sweep import open_storage
+    url = str(folder / f"stress-{procs}.journal") if kind == "journal" else f"sqlite:///{folder}/stress-{procs}.db"
+    optuna.create_study(study_name="stress", storage=open_storage(url), direction="maximize")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_hammer, args=(url, "stress", trials, steps, queue)) for _ in range(procs)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    study = optuna.load_study(study_name="stress", storage=open_storage(url))
+    stored = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+    return {"storage": kind, "procs": procs, "wall_s": round(wall, 1), "trials_done": sum(r["done"] for r in results),
+            "trials_stored": stored, "errors": sum(r["errors"] for r in results),
+            "trials_per_s": round(stored / wall, 1),
+            "first_error": next((r["first_error"] for r in results if r["first_error"]), "")}
+
+
+def show(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+    print(flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["pruning", "workers", "storage"], nargs="+",
+                        default=["pruning", "workers", "storage"])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--candidates", nargs="*", help="subset of the default sweep's candidates")
+    parser.add_argument("--storage", choices=["journal", "sqlite"], default="journal",
+                        help="storage of the pruning and workers sweeps")
+    parser.add_argument("--stress-procs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--stress-trials", type=int, default=100)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results: dict[str, list[dict]] = {}
+    load = os.getloadavg()
+    print(f"cores: {len(os.sched_getaffinity(0))}, load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        root = make_project(Path(tmp))
+        columns = ["variant", "wall_s", "trials", "complete", "pruned", "failed", "storage_errors", "best",
+                   "trials_per_min", "error"]
+        if "pruning" in args.only:
+            rows = []
+            for pruner in ("median", "none"):
+                path = sweep_variant(root, f"prune_{pruner}", args.trials, args.epochs, pruner, args.candidates)
+                rows.append({"variant": f"pruner={pruner}", **run_variant(root, path, 1, args.storage)})
+            saved = 1 - rows[0]["wall_s"] / rows[1]["wall_s"]
+            print(f"pruning: {args.trials} trials of {args.epochs} epochs; median pruning saved {saved:.0%} of the "
+                  f"wall time")
+            show(rows, columns)
+            results["pruning"] = rows
+        if "workers" in args.only:
+            rows = []
+            for workers in (1, 2):
+                path = sweep_variant(root, f"workers_{workers}", args.trials, args.epochs, "none", args.candidates)
+                rows.append({"variant": f"workers={workers}", **run_variant(root, path, workers, args.storage)})
+            print(f"workers: {args.trials} trials of {args.epochs} epochs, no pruning, storage {args.storage}")
+            show(rows, columns)
+            results["workers"] = rows
+        if "storage" in args.only:
+            rows = []
+            for procs in args.stress_procs:
+                for kind in ("sqlite", "journal"):
+                    try:
+                        rows.append(stress_storage(kind, procs, args.stress_trials, 10, root))
+                    except Exception:  # noqa: BLE001
+                        rows.append({"storage": kind, "procs": procs, "first_error": traceback.format_exc(limit=1)})
+            print(f"storage stress: each process runs {args.stress_trials} empty trials (3 suggestions, 10 reports)")
+            show(rows, ["storage", "procs", "wall_s", "trials_done", "trials_stored", "errors", "trials_per_s",
+                        "first_error"])
+            results["storage"] = rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
