@@ -55,7 +55,7 @@ def external_references(html: str) -> list[str]:
 
 def _run(chromium: str, args: list[str], profile: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def check_images(html_path: Path, chromium: str, timeout: float = 120) -> dict:

@@ -15,8 +15,15 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import atomic_write_text, replace_dir
-from pipeline.report_data import (FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run,
-                                  metric_mode)
+from pipeline.report_data import (
+    FLAG_NAMES,
+    RunRecord,
+    finite,
+    group_by_dataset_task,
+    leaderboard_row,
+    load_run,
+    metric_mode,
+)
 
 LEADERBOARD = "leaderboard.csv"
 COMPARISON_MD = "comparison.md"
@@ -207,8 +214,8 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
 
 def summary_lines(groups) -> list[str]:
     total = sum(len(members) for _, members in groups)
-    lines = [f"{total} experiments in {len(groups)} dataset/task groups. Tables rank by the test metric; every flag "
-             "and verdict links to the figure that explains it."]
+    lines = [(f"{total} experiments in {len(groups)} dataset/task groups. Tables rank by the test metric; every "
+              "flag and verdict links to the figure that explains it.")]
     for (dataset, task), members in groups:
         best = members[0]
         if best.test_value is not None:

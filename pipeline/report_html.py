@@ -106,14 +106,14 @@ def render_markdown(report: Report) -> str:
 
 # ── HTML ─────────────────────────────────────────────────────────────────────
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1180px;
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1240px;
  padding:1rem 1.5rem;color:#1b1f24;background:#fff}
 h1{font-size:1.6rem;margin:.4rem 0}h2{font-size:1.3rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem;
  margin-top:2.2rem}h3{font-size:1rem;margin:1.4rem 0 .4rem}
 nav a{margin-right:.8rem}.summary{color:#444}
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12.5px;margin:.4rem 0 1rem}
 th,td{border:1px solid #d0d7de;padding:3px 7px;vertical-align:top;white-space:nowrap}
-th{background:#f3f5f7;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f5f7;text-align:left;white-space:normal;vertical-align:bottom;min-width:3.2em}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr:nth-child(even) td{background:#fafbfc}
 a{color:#0b5cad;text-decoration:none}a:hover{text-decoration:underline}
 a.flag{background:#ffebe9;color:#a40e26;border-radius:3px;padding:0 4px}

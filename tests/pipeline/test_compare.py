@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -365,7 +364,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=cwd, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{cmd}:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -412,8 +411,8 @@ def _chromium() -> str | None:
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium (apt-get install chromium)")
 def test_headless_chromium_loads_every_image_and_notices_a_broken_one(zoo, tmp_path):
     script = [sys.executable, str(REPO / "bench" / "check_report_html.py")]
-    good = subprocess.run([*script, str(zoo.reports / "comparison.html")], capture_output=True, text=True,
-                          timeout=180)
+    good = subprocess.run([*script, str(zoo.reports / "comparison.html")], check=False, capture_output=True,
+                          text=True, timeout=180)
     assert good.returncode == 0, good.stderr
     count = len(re.findall(r"<img ", zoo.html))
     assert f"{count} images, 0 broken" in good.stdout
@@ -422,5 +421,5 @@ def test_headless_chromium_loads_every_image_and_notices_a_broken_one(zoo, tmp_p
                   zoo.html)
     bad_path = tmp_path / "bad.html"
     bad_path.write_text(html)
-    bad = subprocess.run([*script, str(bad_path)], capture_output=True, text=True, timeout=180)
+    bad = subprocess.run([*script, str(bad_path)], check=False, capture_output=True, text=True, timeout=180)
     assert bad.returncode == 1 and "fig-grad-huge_lr" in bad.stderr and "1 broken" in bad.stdout
