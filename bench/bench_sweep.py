@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 def make_project(root: Path) -> Path:
     """A project in `root`: the repo's specs and params, MNIST-1D prepared there."""
     import shutil
+
     from pipeline.cli import main
     shutil.copytree(REPO / "specs", root / "specs")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
@@ -66,7 +67,9 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
     """One sweep, timed; counts of trial states and storage errors from the study."""
     import optuna
     from optuna.trial import TrialState
-    from pipeline.sweep import default_storage_url, load_sweep, open_storage, run_sweep
+
+    from pipeline.sweep import default_storage_url, open_storage, run_sweep
+    from pipeline.sweep_spec import load_sweep
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -98,6 +101,7 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
 # ── storage stress: empty trials, many processes ─────────────────────────────
 def _hammer(url: str, study_name: str, trials: int, steps: int, out) -> None:
     import optuna
+
     from pipeline.sweep import open_storage
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     errors, done, first_error = 0, 0, ""
@@ -122,6 +126,7 @@ def _hammer(url: str, study_name: str, trials: int, steps: int, out) -> None:
 
 def stress_storage(kind: str, procs: int, trials: int, steps: int, folder: Path) -> dict:
     import optuna
+
     from pipeline.sweep import open_storage
     url = str(folder / f"stress-{procs}.journal") if kind == "journal" else f"sqlite:///{folder}/stress-{procs}.db"
     optuna.create_study(study_name="stress", storage=open_storage(url), direction="maximize")

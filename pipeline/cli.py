@@ -157,7 +157,8 @@ def cmd_schema(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline.config import tracking_uri
-    from pipeline.sweep import default_storage_url, load_sweep, run_sweep
+    from pipeline.sweep import default_storage_url, run_sweep
+    from pipeline.sweep_spec import load_sweep
     config = _config(args)
     if args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")

@@ -10,7 +10,7 @@ from pipeline.spec import json_schema
 
 def schema_files() -> dict[str, dict]:
     """File name (relative to specs/) → schema."""
-    from pipeline.sweep import json_schema as sweep_schema
+    from pipeline.sweep_spec import json_schema as sweep_schema
     return {"schema.json": json_schema(), "sweeps/schema.json": sweep_schema()}
 
 

@@ -11,12 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline.io import atomic_write_json, atomic_write_text, replace_dir
-from pipeline.sweep import COST_KEYS, CategoricalDim, FloatDim, IntDim, RDB_SCHEMES, Sweep, build_trial_spec, \
-    values_from_params
+from pipeline.sweep_spec import COST_KEYS, CategoricalDim, Sweep, build_trial_spec, values_from_params
 
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}
@@ -365,14 +363,15 @@ def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir
 def _readme(sweep: Sweep, study, storage_url: str, best: pd.DataFrame, figures: dict[str, bool],
             out_dir: Path) -> str:
     shown = best.drop(columns=[c for c in ("sampled",) if c in best])
+    objective = sweep.spec.objective
+    costs = f", minimise {', '.join(objective.costs)} (Pareto front)" if objective.costs else ""
     lines = [f"# Sweep {sweep.name}", "", sweep.spec.description, "",
-             f"Study `{study.study_name}` in `{storage_url}`; objective: {sweep.spec.objective.direction} "
-             f"`{sweep.spec.objective.metric}`" + (f", minimise {', '.join(sweep.spec.objective.costs)} (Pareto front)"
-                                                   if sweep.spec.objective.costs else "") + ".", "",
+             f"Study `{study.study_name}` in `{storage_url}`; objective: {objective.direction} "
+             f"`{objective.metric}`{costs}.", "",
              f"Open it in the dashboard: `{dashboard_command(storage_url)}`", "",
              "## Best trial per architecture", "", markdown_table(shown),
-             "Each `spec` file is that trial as a ready-to-run experiment: "
-             f"`archlab train {out_dir}/SPEC.yaml`.", ""]
+             (f"Each `spec` file is that trial as a ready-to-run experiment: `archlab train {out_dir}/SPEC.yaml`."),
+             ""]
     if "sampled" in best:
         lines += ["Parameters of each best trial:", ""]
         lines += [f"- {row.candidate}: {row.sampled}" for row in best.itertuples() if isinstance(row.sampled, str)]

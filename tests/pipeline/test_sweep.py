@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 from pipeline.cli import main
 from pipeline.data import write_prepared
 from pipeline.spec import load_spec
-from pipeline.sweep import (Sweep, default_storage_url, load_sweep, open_storage, open_study, parse_path, run_sweep,
-                            trials_used)
+from pipeline.sweep import default_storage_url, open_storage, open_study, run_sweep, trials_used
+from pipeline.sweep_spec import Sweep, load_sweep, parse_path
 from pipeline.train import train_experiment
 from tests.conftest import REPO, tiny_classification
 
@@ -202,7 +202,7 @@ def test_killing_a_real_worker_then_rerunning_finishes_the_study(lab):
 @pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(lab):
     raw = sweep_dict(budget={"trials": 5, "epochs": 3})
-    sweep, study = run(lab, raw, workers=2, tracking=True)
+    _, study = run(lab, raw, workers=2, tracking=True)
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(5))
     assert all(t.state == TrialState.COMPLETE for t in trials)
@@ -269,7 +269,7 @@ def test_a_multi_objective_sweep_reports_its_pareto_front(lab):
 
 
 def test_the_exported_best_spec_validates_and_reproduces_its_trial(lab, capsys):
-    sweep, study = run(lab, sweep_dict(budget={"trials": 4, "epochs": 2}))
+    _, study = run(lab, sweep_dict(budget={"trials": 4, "epochs": 2}))
     report = lab / "reports/sweeps/tiny_sweep"
     best = pd.read_csv(report / "best_per_architecture.csv")
     assert (report / "optimization_history.png").is_file() and (report / "parallel_coordinates.png").is_file()
