@@ -116,17 +116,21 @@ def flags_cell(r: RunRecord, explains: dict[str, str]):
     return cell or "none"
 
 
-def leaderboard_table(records: list[RunRecord], metric: str, figures: dict[str, str], dataset: str, task: str):
-    """One group's leaderboard; flags, verdicts and a diverged status link to the figure that explains them."""
-    from pipeline.report_figures import anchor_curves, anchor_gap
+def leaderboard_table(records: list[RunRecord], metric: str, section: str, curves: str | None, gap: str | None,
+                      grad: dict[str, str]):
+    """One group's leaderboard; flags, verdicts and a diverged status link to the figure that explains them.
+
+    `curves`, `gap` and `grad` (experiment → anchor) are the anchors of the figures that exist; a link
+    whose figure could not be drawn points at the section instead, so no link dangles.
+    """
     from pipeline.report_html import Link, Table
-    curves, gap = anchor_curves(dataset, task), anchor_gap(dataset, task)
+    curves, gap = curves or section, gap or section
     columns = ["#", "experiment", "model", "status", f"test {metric}", f"val {metric} (best)", "best epoch",
                "loss gap best → last", f"{metric} gap best → last", "verdict", "flags", "params",
                "FLOPs/sample (fwd)", "train time", "train samples/s", "latency p50", "peak memory", "MFU"]
     rows = []
     for position, r in enumerate(records, start=1):
-        explains = {name: (figures.get(r.name) or curves) if name in ("vanishing", "exploding", "dead_units")
+        explains = {name: (grad.get(r.name) or curves) if name in ("vanishing", "exploding", "dead_units")
                     else curves for name in FLAG_NAMES}
         flag_cell = flags_cell(r, explains)
         onset = r.overfitting.get("onset_epoch")
@@ -188,10 +192,11 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
     metric = next((r.main_metric for r in records if r.main_metric), None)
     mode = metric_mode(metric)
     colors = rf.colors_for(records)
+    anchor = f"sec-{rf.slug(dataset, task)}"
     grad_figures = {r.name: ref for r in records if (ref := rf.grad_health(writer, r)) is not None}
-    items = [ref for ref in (rf.learning_curves(writer, dataset, task, records, colors),
-                             rf.gap_chart(writer, dataset, task, records),
-                             rf.pareto(writer, dataset, task, records, colors, mode)) if ref is not None]
+    curves = rf.learning_curves(writer, dataset, task, records, colors)
+    gap = rf.gap_chart(writer, dataset, task, records)
+    items = [ref for ref in (curves, gap, rf.pareto(writer, dataset, task, records, colors, mode)) if ref is not None]
     classifiers = [r for r in records if r.test.get("confusion_matrix")]
     if classifiers and (ref := rf.confusion(writer, classifiers[0])) is not None:  # ranked: the first is best
         items.append(ref)
@@ -200,8 +205,8 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
         items += rf.sample_grids(writer, r)
         items += text_blocks(r)
     tables = [(f"Leaderboard (best test {metric} first)" if metric else "Leaderboard",
-               leaderboard_table(records, metric or "metric", {k: v.anchor for k, v in grad_figures.items()},
-                                 dataset, task))]
+               leaderboard_table(records, metric or "metric", anchor, curves and curves.anchor, gap and gap.anchor,
+                                 {k: v.anchor for k, v in grad_figures.items()}))]
     others = test_metrics_table(records, metric)
     if others is not None and len(others.columns) > 2:
         tables.append(("All test metrics", others))
@@ -209,7 +214,7 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
     missing = [r.name for r in records if r.status == "missing"]
     if missing:
         notes.append("No run found for: " + ", ".join(missing) + ".")
-    return Section(f"{dataset} — {task}", f"sec-{rf.slug(dataset, task)}", tables, items, notes)
+    return Section(f"{dataset} — {task}", anchor, tables, items, notes)
 
 
 def summary_lines(groups) -> list[str]:

@@ -125,6 +125,12 @@ def expected_gap(metrics: dict, diag: dict, when: str) -> float | None:
     return epoch["val/loss"] - epoch["train/loss"]
 
 
+def assert_links_resolve(markdown: str) -> None:
+    anchors = set(re.findall(r'<a id="([^"]+)"></a>', markdown))
+    for target in re.findall(r"\]\(#([^) \"]+)", markdown):
+        assert target in anchors, target
+
+
 def as_float(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
 
@@ -203,9 +209,7 @@ def test_every_figure_and_anchor_the_markdown_names_exists(real):
     for path in images:
         assert not path.startswith(("/", "http")), path
         assert (real.reports / path).read_bytes().startswith(PNG_MAGIC), path
-    anchors = set(re.findall(r'<a id="([^"]+)"></a>', md))
-    for target in re.findall(r"\]\(#([^) \"]+)", md):
-        assert target in anchors, target
+    assert_links_resolve(md)
     # Each figure has a one-line caption right under it.
     for path in images:
         block = md.split(f"]({path})", 1)[1].lstrip("\n").splitlines()[0]
@@ -287,6 +291,7 @@ def zoo(tmp_path_factory) -> SimpleNamespace:
 
 
 def test_flags_link_to_the_figure_that_explains_them(zoo):
+    assert_links_resolve(zoo.md)
     rows = leaderboard_rows(zoo.md)
     deep = rows["deep_sigmoid"]["flags"]
     assert "[vanishing](#fig-grad-deep_sigmoid" in deep and "[dead_units](#fig-grad-deep_sigmoid" in deep
@@ -322,6 +327,9 @@ def test_missing_and_broken_run_files_show_as_dashes(tmp_path):
     broken = fx.write_run(runs, "broken", test={"accuracy": 0.5})
     (broken / "metrics.json").write_text('{"status": "fini')  # cut off mid-write
     (broken / "history.csv").unlink()
+    # Flags with nothing to show them (no history, no gradient norms): the links fall back to the section.
+    (broken / "diagnostics.json").write_text(json.dumps({"enabled": True, "flags": {"unstable": True,
+                                                                                     "vanishing": True}}))
     frame = compare(["good", "broken", "absent"], runs, tmp_path / "reports")
     # The broken run keeps what eval.json says (its status and test score), the rest reads as unknown.
     assert list(frame["status"]) == ["finished", "finished", "missing"]
@@ -330,6 +338,8 @@ def test_missing_and_broken_run_files_show_as_dashes(tmp_path):
     assert rows["broken"]["loss gap best → last"] == "— → —" and rows["broken"]["best epoch"] == "—"
     assert rows["good"]["params"] == "2k" and rows["good"]["test accuracy"] == "0.9000"
     assert rows["absent"]["test accuracy"] == "—" and rows["absent"]["flags"] == "—"  # grouped with "broken"
+    assert "[vanishing](#sec-unknown-unknown" in rows["broken"]["flags"]
+    assert_links_resolve((tmp_path / "reports" / "comparison.md").read_text())
     assert (tmp_path / "reports" / "comparison.html").is_file()
 
 

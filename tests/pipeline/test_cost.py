@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from models import registered_kinds
-from pipeline.cost import count_flops, forward_flops, measure_cost, peak_cache_path, peak_flops, peak_key
+from pipeline.cost import (
+    count_flops,
+    forward_flops,
+    measure_cost,
+    peak_cache_path,
+    peak_flops,
+    peak_key,
+)
 from pipeline.spec import ExperimentSpec
 from pipeline.train import Trainer
 from tests.conftest import tiny_classification
