@@ -16,6 +16,7 @@ class DataShape:
     vocab_size: int | None = None  # token tasks only
     max_len: int | None = None  # longest sequence, token tasks only
     target_len: int | None = None  # longest target sequence, seq2seq only
+    value_range: tuple[float, float] | None = None  # min, max of the (normalised) training inputs; real data only
 
 
 class Builder(Protocol):

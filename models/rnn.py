@@ -97,28 +97,28 @@ class RecurrentLM(nn.Module):
     @torch.no_grad()
     def sample(self, prefix_tokens: torch.Tensor, n_tokens: int, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue each prefix (B, P), P ≥ 1, by n_tokens drawn from softmax(logits / temperature).
+        """Continue each prefix (B, P), P ≥ 1, by n_tokens drawn from softmax(logits / temperature) → (B, P + n).
 
-        Returns the new tokens only, (B, n_tokens). temperature 0 takes the most likely token (greedy).
-        The recurrent state is carried from step to step, so each new token costs one step, not a rerun.
+        temperature 0 takes the most likely token (greedy). The recurrent state is carried from step to step,
+        so each new token costs one step, not a rerun of the whole text. `generator` is a CPU generator (the
+        draw happens on the CPU, so a seeded text is the same on any device).
         """
-        if prefix_tokens.dim() == 1:
-            prefix_tokens = prefix_tokens[None]
         was_training = self.training
         self.eval()
         logits, states = self.step(prefix_tokens)
-        new: list[torch.Tensor] = []
-        for _ in range(n_tokens):
-            last = logits[:, -1]  # (B, V)
+        seq = [prefix_tokens]
+        for i in range(n_tokens):
+            if i > 0:
+                logits, states = self.step(seq[-1], states)  # one step on the token just drawn
+            last = logits[:, -1].float()  # (B, V)
             if temperature <= 0:
                 token = last.argmax(dim=1, keepdim=True)
             else:
-                probs = torch.softmax(last / temperature, dim=1)
-                token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-            new.append(token)
-            logits, states = self.step(token, states)
+                probs = torch.softmax(last / temperature, dim=1).cpu()
+                token = torch.multinomial(probs, 1, generator=generator).to(prefix_tokens.device)  # (B, 1)
+            seq.append(token)
         self.train(was_training)
-        return torch.cat(new, dim=1) if new else prefix_tokens.new_zeros(prefix_tokens.shape[0], 0)
+        return torch.cat(seq, dim=1)
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────

@@ -396,7 +396,8 @@ class Prepared:
 def shape_from_meta(meta: dict) -> DataShape:
     return DataShape(input_shape=tuple(meta["input_shape"]), output_size=meta["output_size"],
                      vocab_size=meta.get("vocab_size"), max_len=meta.get("max_len"),
-                     target_len=meta.get("target_len"))
+                     target_len=meta.get("target_len"),
+                     value_range=tuple(meta["value_range"]) if meta.get("value_range") else None)
 
 
 def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], dict]:
@@ -427,6 +428,8 @@ def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], d
     }
     if raw.target == "tokens":
         meta["output_size"] = meta["vocab_size"]
+    else:  # what a generator's bounded output layer spans (models/gan.py)
+        meta["value_range"] = [float(arrays["train_x"].min()), float(arrays["train_x"].max())]
     return arrays, meta
 
 
@@ -461,6 +464,11 @@ def load_prepared(folder: str | Path) -> Prepared:
     if not meta_path.is_file():
         raise UserError(folder, "not a prepared dataset (no meta.json); run `archlab prepare` first")
     meta = json.loads(meta_path.read_text())
+    # Where the data came from (in memory only, never written to meta.json): tasks that keep artifacts
+    # beside the prepared folder find it here (the feature classifier of pipeline/quality.py).
+    meta["prepared_dir"] = str(folder)
     with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
         tensors = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+    if meta.get("target") != "tokens" and "value_range" not in meta:  # a folder prepared before it was recorded
+        meta["value_range"] = [float(tensors["train_x"].min()), float(tensors["train_x"].max())]
     return Prepared(meta=meta, tensors=tensors)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.autoencoder import corrupt, gaussian_nll, kl_to_standard_normal
 from models.tokens import BOS, EOS, PAD
 from pipeline.io import atomic_write_text
 
@@ -326,10 +327,233 @@ def _epoch_sections(text: str) -> list[tuple[int, str]]:
     return sections
 
 
+# ── reconstruct ──────────────────────────────────────────────────────────────
+# Contract with models/autoencoder.py: model.reconstruct(x) → (x̂, code or μ, log σ² or None), corrupting
+# (dae) and sampling z (vae) in train mode only; encode / decode / reparameterise; a vae carries `beta` and
+# `likelihood_std` and can sample(n, generator). The target is x itself; y (a label, if any) is unused.
+def _reconstruction_terms(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor,
+                          logvar: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+    """ae/dae: the mean squared error. vae: −log p(x | z) + β·KL(q(z | x) ‖ N(0, I)) per sample (nats)."""
+    n = x.new_tensor(len(x))
+    sse = (recon - x).pow(2).flatten(1).sum(dim=1)  # (B,)
+    stats = {"sse": sse.detach().sum(), "elements": n * x[0].numel(), "n": n}
+    if logvar is None:
+        loss = sse.sum() / (len(x) * x[0].numel())
+        stats["loss"] = loss.detach() * n
+        return loss, stats
+    nll = gaussian_nll(x, recon, model.likelihood_std)  # (B,)
+    kl = kl_to_standard_normal(mu, logvar)  # (B,)
+    per_sample = nll + model.beta * kl
+    stats.update(loss=per_sample.detach().sum(), nll=nll.detach().sum(), kl=kl.detach().sum())
+    return per_sample.mean(), stats
+
+
+def _reconstruct_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    return _reconstruction_terms(model, x, *model.reconstruct(x))
+
+
+def _seeded(device: torch.device, seed: int) -> torch.Generator:
+    """A generator of its own for evaluation noise: the training's random stream is never moved."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _one_per_class(y: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of `count` samples, the first of each class first, so that a grid shows every class."""
+    if y.dtype != torch.long or y.dim() != 1:
+        return torch.arange(min(count, len(y)))
+    firsts = [int((y == c).nonzero()[0]) for c in y.unique()]
+    rest = [i for i in range(len(y)) if i not in set(firsts)]
+    return torch.tensor((firsts + rest)[:count])
+
+
+def _reference(task, device: torch.device):
+    """The data's feature classifier (pipeline/quality.py), loaded once per task; None without one."""
+    from pipeline.quality import load_reference
+    if task._reference is None:
+        task._reference = load_reference(task.meta) or False
+    return task._reference.to(device) if task._reference else None
+
+
+@dataclass
+class ReconstructTask:
+    name: str = "reconstruct"
+    metric: str = "mse"  # every variant's reconstruction error (per entry, normalised units); a vae adds elbo
+    mode: Literal["min", "max"] = "min"
+    grid_columns: int = 10
+    meta: dict = field(default_factory=dict)
+    _reference: object = field(default=None, repr=False)  # quality.Reference, loaded on first use (vae only)
+
+    def attach(self, meta: dict) -> None:
+        self.meta = meta
+
+    def phases(self, model: nn.Module) -> list[Phase]:
+        return model_phases(model, _reconstruct_loss)
+
+    def eval_stats(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        """Reconstruction error of the clean input with z = μ; for a vae, the ELBO from one z ~ q(z | x)."""
+        recon, mu, logvar = model.reconstruct(x)
+        _, stats = _reconstruction_terms(model, x, recon, mu, logvar)
+        if logvar is not None:
+            z = model.reparameterise(mu, logvar, _seeded(x.device, 0))
+            _, sampled = _reconstruction_terms(model, x, model.decode(z), mu, logvar)
+            stats.update(loss=sampled["loss"], nll=sampled["nll"], kl=sampled["kl"])
+        return stats
+
+    def summarize(self, stats: dict[str, float]) -> dict[str, float]:
+        n = max(stats["n"], 1.0)
+        out = {"loss": stats["loss"] / n, "mse": stats["sse"] / max(stats["elements"], 1.0)}
+        if "kl" in stats:
+            out["kl"] = stats["kl"] / n
+            out["nll"] = stats["nll"] / n
+            out["elbo"] = -(stats["nll"] + stats["kl"]) / n  # nats per sample, β = 1: a bound on log p(x)
+        return out
+
+    def end_epoch(self, model: nn.Module, epoch: int, run_dir, data) -> dict[str, float]:
+        """samples/epoch_NNN.png: validation inputs against their reconstructions (dae: also from corrupted
+        inputs; vae: also samples decoded from z ~ N(0, I)), in the data's original units."""
+        from pipeline.grids import display_range, epoch_grid_path, original_units, write_grid
+        device = next(model.parameters()).device
+        t = data.tensors
+        x = t["val_x"][_one_per_class(t["val_y"], self.grid_columns)].to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            rows = [("inputs (validation)", x), ("reconstructions", model(x))]
+            if model.variant == "dae":
+                noisy = corrupt(x, model.noise, model.noise_level, _seeded(device, epoch))
+                rows += [(f"corrupted ({model.noise}, {model.noise_level:g})", noisy),
+                         ("reconstructed from corrupted", model(noisy))]
+            if model.variant == "vae":
+                rows.append(("samples, z ~ N(0, I)", model.sample(2 * self.grid_columns, _seeded(device, 0))))
+        model.train(was_training)
+        panels = [(title, original_units(v, data.meta)) for title, v in rows]
+        value_range = display_range(original_units(t["train_x"][:2000], data.meta))
+        write_grid(epoch_grid_path(run_dir, epoch), panels, value_range, self.grid_columns,
+                   f"{model.variant}, epoch {epoch}")
+        return {}
+
+    @torch.no_grad()
+    def test_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: dict,
+                     batch_size: int = 1024) -> dict:
+        """Reconstruction error; dae: also from corrupted inputs, against the corruption's own error;
+        vae: ELBO, KL, and the quality of its samples (FID and class coverage, see pipeline/quality.py)."""
+        model.eval()
+        total: dict[str, torch.Tensor] = {}
+        for i in range(0, len(x), batch_size):
+            for k, v in self.eval_stats(model, x[i:i + batch_size], y[i:i + batch_size]).items():
+                total[k] = total[k] + v if k in total else v
+        stats = self.summarize({k: v.item() for k, v in total.items()})
+        out = {"mse": stats["mse"], "rmse": math.sqrt(stats["mse"])}
+        if model.variant == "dae":
+            noisy = corrupt(x, model.noise, model.noise_level, _seeded(x.device, 0))
+            out["corrupted_mse"] = (noisy - x).pow(2).mean().item()  # the noise's own error, for scale
+            out["denoised_mse"] = (predict(model, noisy) - x).pow(2).mean().item()
+        if model.variant == "vae":
+            out.update(elbo=stats["elbo"], kl=stats["kl"], nll=stats["nll"])
+            out.update(_sample_quality(_reference(self, x.device), model, x, self.meta))
+        return out
+
+
+def _sample_quality(reference, model: nn.Module, real: torch.Tensor, meta: dict) -> dict:
+    """FID, its real-data floor and class coverage of as many samples as the training split holds (≤ 2000)."""
+    from pipeline.quality import sample_quality, training_samples
+    if reference is None:
+        return {}
+    yardstick = training_samples(meta, 2000)
+    generated = model.sample(len(yardstick), _seeded(real.device, 0))
+    return sample_quality(reference, generated, real, yardstick)
+
+
+# ── generate ─────────────────────────────────────────────────────────────────
+# Contract: the model trains itself in phases (`training_phases()`, a GAN's discriminator then generator),
+# draws samples with sample(n, generator), and may report its players' losses with adversarial_stats.
+def _phases_required(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    raise TypeError(f"task generate needs a model with training_phases(); {type(model).__name__} has none")
+
+
+@dataclass
+class GenerateTask:
+    """Per epoch: the players' losses (train/ and val/ d_loss, g_loss), FID and class coverage of
+    validation-sized sample sets (val/fid, val/coverage, val/class_entropy_bits) and a grid of samples."""
+
+    name: str = "generate"
+    metric: str = "fid"
+    mode: Literal["min", "max"] = "min"
+    grid_columns: int = 8
+    meta: dict = field(default_factory=dict)
+    _reference: object = field(default=None, repr=False)  # quality.Reference, loaded on first use
+
+    def attach(self, meta: dict) -> None:
+        self.meta = meta
+
+    def phases(self, model: nn.Module) -> list[Phase]:
+        return model_phases(model, _phases_required)
+
+    def eval_stats(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        """As many samples as the batch (the same z every epoch), judged by D and by the feature classifier."""
+        from pipeline.quality import feature_sums
+        fake = model.sample(len(x), _seeded(x.device, 0))
+        stats = model.adversarial_stats(x, fake) if hasattr(model, "adversarial_stats") else {}
+        ref = _reference(self, x.device)
+        if ref is not None:
+            real_f, fake_f = ref.features(x), ref.features(fake)  # (B, F) each
+            stats.update({**feature_sums(real_f, "real"), **feature_sums(fake_f, "fake")})
+            classes = ref.classifier.head(fake_f).argmax(1)
+            stats["fake_classes"] = torch.bincount(classes, minlength=ref.classifier.head.out_features).double()
+        return stats
+
+    def summarize(self, stats: dict) -> dict[str, float]:
+        """Keys present decide what is reported: a phase's losses (train), or all of them plus quality (val)."""
+        from pipeline.quality import class_coverage, fid_from_stats
+        n = max(stats.get("n", 1.0), 1.0)
+        out = {}
+        if "d_loss" in stats:
+            out.update(d_loss=stats["d_loss"] / n, d_real=stats["d_real"] / n, d_fake=stats["d_fake"] / n)
+        if "g_loss" in stats:
+            out["g_loss"] = stats["g_loss"] / n
+        if "real_sum" in stats:
+            out["fid"] = fid_from_stats(stats, "real", "fake")
+            out.update(class_coverage(stats["fake_classes"]))
+        return out
+
+    def end_epoch(self, model: nn.Module, epoch: int, run_dir, data) -> dict[str, float]:
+        """samples/epoch_NNN.png: samples from the same fixed z every epoch, under a row of real ones."""
+        from pipeline.grids import display_range, epoch_grid_path, original_units, write_grid
+        device = next(model.parameters()).device
+        t = data.tensors
+        was_training = model.training
+        model.eval()
+        fake = model.sample(self.grid_columns ** 2, _seeded(device, 0))
+        model.train(was_training)
+        real = t["val_x"][_one_per_class(t["val_y"], self.grid_columns)]
+        panels = [("real (validation)", original_units(real, data.meta)),
+                  ("generated (fixed z)", original_units(fake, data.meta))]
+        value_range = display_range(original_units(t["train_x"][:2000], data.meta))
+        write_grid(epoch_grid_path(run_dir, epoch), panels, value_range, self.grid_columns, f"epoch {epoch}")
+        return {}
+
+    @torch.no_grad()
+    def test_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict:
+        """FID against the test split with its real-data floor, class coverage, and the players' test losses."""
+        model.eval()
+        out: dict = {}
+        if hasattr(model, "adversarial_stats"):
+            stats = model.adversarial_stats(x, model.sample(len(x), _seeded(x.device, 1)))
+            out.update({k: v for k, v in self.summarize({k: v.item() for k, v in stats.items()}).items()})
+        out.update(_sample_quality(_reference(self, x.device), model, x, self.meta))
+        return out
+
+
 # One entry per task name; the zoo adds seq2seq, lm, reconstruct and generate.
 TASKS: dict[str, Callable[[], Task]] = {"classify": ClassifyTask, "regress": RegressTask, "seq2seq": Seq2SeqTask,
-                                        "lm": LMTask}
+                                        "lm": LMTask, "reconstruct": ReconstructTask, "generate": GenerateTask}
 
 
 def make_task(name: str, meta: dict | None = None) -> Task:
-    return TASKS[name]()
+    """A task for data described by `meta`; a task that needs the data's facts (where its prepared folder
+    is, for a feature classifier) takes them through `attach(meta)`."""
+    task = TASKS[name]()
+    attach = getattr(task, "attach", None)
+    if attach is not None:
+        attach(meta or {})
+    return task
