@@ -38,23 +38,33 @@ def _ensure_prepared(config, spec, folder: Path, spec_path: str):
         if data.meta["name"] != dataset:
             raise UserError(folder, f"holds dataset {data.meta['name']!r} but the spec asks for {dataset!r}",
                             field="data.dataset")
+        check_task_fits_data(spec, data.meta, spec_path)
         check_buildable(spec, data.shape, spec_path)
         return data
     arrays, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
+    check_task_fits_data(spec, meta, spec_path)
     check_buildable(spec, shape_from_meta(meta), spec_path)
     print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
     write_prepared(arrays, meta, folder)
     return load_prepared(folder)
 
 
-def dataset_shape(config, dataset: str, folder: Path, spec_path: str):
-    """The data's shape, from a prepared folder or, failing that, built in memory (nothing written)."""
+def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
+    """The data's meta.json, from a prepared folder or, failing that, built in memory (nothing written)."""
     from pipeline.config import dataset_spec
-    from pipeline.data import build_arrays, shape_from_meta
+    from pipeline.data import build_arrays
     if (folder / "meta.json").is_file():
-        return shape_from_meta(json.loads((folder / "meta.json").read_text()))
+        return json.loads((folder / "meta.json").read_text())
     _, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
-    return shape_from_meta(meta)
+    return meta
+
+
+def check_task_fits_data(spec, meta: dict, source) -> None:
+    """A task reads one kind of data: classify on text, say, is a spec mistake, caught before any training."""
+    from pipeline.tasks import task_data_mismatch
+    reason = task_data_mismatch(spec.task, meta)
+    if reason is not None:
+        raise UserError(source, reason, field="task")
 
 
 def check_buildable(spec, shape, source):
@@ -91,11 +101,14 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from pipeline.data import shape_from_meta
     from pipeline.spec import load_spec
     config = _config(args)
     for path in args.specs:
         spec = load_spec(path)
-        shape = dataset_shape(config, spec.data.dataset, config.paths.data / spec.data.dataset, path)
+        meta = dataset_meta(config, spec.data.dataset, config.paths.data / spec.data.dataset, path)
+        check_task_fits_data(spec, meta, path)
+        shape = shape_from_meta(meta)
         model, out = check_buildable(spec, shape, path)
         params = sum(p.numel() for p in model.parameters())
         out_shape = tuple(out.shape[1:]) if hasattr(out, "shape") else "(see model)"

@@ -549,6 +549,29 @@ TASKS: dict[str, Callable[[], Task]] = {"classify": ClassifyTask, "regress": Reg
                                         "lm": LMTask, "reconstruct": ReconstructTask, "generate": GenerateTask}
 
 
+# What data each task reads, by the kind of the prepared data (see data_kind).
+TASK_DATA: dict[str, frozenset[str]] = {
+    "classify": frozenset({"class"}), "regress": frozenset({"value"}), "seq2seq": frozenset({"token pairs"}),
+    "lm": frozenset({"text"}), "reconstruct": frozenset({"class", "value"}), "generate": frozenset({"class", "value"}),
+}
+
+
+def data_kind(meta: dict) -> str:
+    """class or value (inputs with labels or real targets), token pairs (seq2seq sources and targets) or text."""
+    if meta.get("target") == "tokens":
+        return "token pairs" if meta.get("target_len") else "text"
+    return meta["target"]
+
+
+def task_data_mismatch(task: str, meta: dict) -> str | None:
+    """Why `task` cannot read the data that `meta` describes, or None when it can."""
+    kind, wanted = data_kind(meta), TASK_DATA[task]
+    if kind in wanted:
+        return None
+    return (f"{task} needs {' or '.join(sorted(wanted))} data, but dataset {meta.get('name')!r} holds "
+            f"{kind} data; tasks for {kind} data: {', '.join(t for t, kinds in TASK_DATA.items() if kind in kinds)}")
+
+
 def make_task(name: str, meta: dict | None = None) -> Task:
     """A task for data described by `meta`; a task that needs the data's facts (where its prepared folder
     is, for a feature classifier) takes them through `attach(meta)`."""

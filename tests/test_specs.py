@@ -82,6 +82,10 @@ BAD_SPECS = {
     "not_a_mapping": ("- just\n- a list\n", None, "expected a mapping"),
     "unknown_dataset": (VALID.replace("dataset: digits", "dataset: nosuchdata"), "data.dataset", "unknown dataset"),
     "task_model_mismatch": (VALID.replace("task: classify", "task: lm"), None, "cannot serve task 'lm'"),
+    # an mlp can regress, but digits holds class labels, not real-valued targets
+    "task_data_mismatch": (VALID.replace("task: classify", "task: regress"), "task",
+                           "regress needs value data, but dataset 'digits' holds class data; tasks for class data: "
+                           "classify, reconstruct, generate"),
 }
 
 
