@@ -331,5 +331,5 @@ def test_parse_path_reads_names_and_indices():
 
 def test_the_default_sweep_validates_against_the_repo_specs():
     sweep = load_sweep(REPO / "specs/sweeps/mnist1d_arch.yaml", REPO / "specs")
-    assert {"mlp", "cnn"} <= set(sweep.spec.candidates) and sweep.dataset == "mnist1d"
+    assert {"mlp", "cnn", "gru", "transformer"} <= set(sweep.spec.candidates) and sweep.dataset == "mnist1d"
     assert sweep.spec.budget.trials and sweep.spec.budget.timeout_s
