@@ -1,25 +1,43 @@
 """Atomic file writes: a temporary file in the same folder, then os.replace. Readers never see half a file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+def _default_modes() -> tuple[int, int]:
+    """The modes open() and mkdir() would give under this process's umask (mkstemp/mkdtemp give 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+FILE_MODE, DIR_MODE = _default_modes()
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file beside `path`: moved onto it if the block succeeds, removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
+        os.chmod(tmp, FILE_MODE)  # reports and runs are read by others (a web server, a colleague)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with _replacing(Path(path)) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -40,16 +58,8 @@ def _json_default(obj):
 
 def atomic_torch_save(path: str | Path, obj) -> None:
     import torch
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(Path(path)) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def replace_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
@@ -58,6 +68,7 @@ def replace_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        os.chmod(tmp, DIR_MODE)
         fill(tmp)
         old = None
         if target.exists():

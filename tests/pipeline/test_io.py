@@ -1,0 +1,40 @@
+"""Atomic writes: whole files or nothing, with the permissions a plain write would give."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from pipeline.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, replace_dir
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_files_and_folders_get_the_modes_of_a_plain_write(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "x")
+    atomic_torch_save(tmp_path / "w.pt", {"a": 1})
+    replace_dir(tmp_path / "figures", lambda folder: (folder / "f.png").write_bytes(b"png"))
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain").mkdir()
+    # what open() and mkdir() give (0644 / 0755 under umask 022), not mkstemp's 0600 nor mkdtemp's 0700
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "w.pt") == mode(tmp_path / "plain.txt")
+    assert mode(tmp_path / "figures") == mode(tmp_path / "plain")
+    assert mode(tmp_path / "a.txt") == 0o666 & ~current_umask()
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "data.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, 12)  # not bytes: fails inside the write
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.json"]
