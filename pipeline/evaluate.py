@@ -29,6 +29,10 @@ def evaluate_run(spec: ExperimentSpec, data: Prepared, run_dir: str | Path, trac
                    if isinstance(v, (int, float)) and math.isfinite(v)}
         tracker.log_metrics(scalars, step=state["epoch"])
         tracker.log_artifact(run_dir / "eval.json")
+        if "fid" in result["test"] and data.meta.get("prepared_dir"):
+            from pipeline.quality import cache_paths
+            for path in cache_paths(data.meta["prepared_dir"]):  # the yardstick the FID was measured with
+                tracker.log_artifact(path, "feature_classifier")
         tracker.end("FAILED" if state["status"] == "diverged" else "FINISHED")
     return result
 

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from scipy import linalg
 
 from pipeline.data import NpzSource, Prepared, build_arrays, load_prepared, write_prepared
@@ -278,7 +279,8 @@ def test_a_vae_reconstructs_digits_end_to_end(digits, tmp_path):
 def test_a_gan_generates_digits_end_to_end(digits, tmp_path):
     spec, path = run_spec(tmp_path, GAN_SPEC)
     run_dir = tmp_path / "runs" / "gan"
-    metrics = train_experiment(spec, path, digits, run_dir, None, progress=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    metrics = train_experiment(spec, path, digits, run_dir, store, progress=False)
     assert metrics["status"] == "finished" and metrics["epochs"] == 2 and metrics["main_metric"] == "fid"
     for epoch in (1, 2):
         assert (run_dir / "samples" / f"epoch_{epoch:03d}.png").read_bytes().startswith(PNG)
@@ -288,7 +290,10 @@ def test_a_gan_generates_digits_end_to_end(digits, tmp_path):
     assert all(math.isfinite(float(r["val/fid"])) and float(r["val/fid"]) >= 0 for r in rows)
     assert 0 < float(rows[-1]["val/coverage"]) <= 1
 
-    test = evaluate_run(spec, digits, run_dir, None)["test"]
+    test = evaluate_run(spec, digits, run_dir, store)["test"]
     assert {"fid", "fid_real_floor", "coverage", "class_entropy_bits", "d_loss", "g_loss"} <= set(test), test.keys()
+    # The classifier that scored the samples travels with the run in MLflow.
+    logged = {a.path for a in MlflowClient(store).list_artifacts(metrics["mlflow_run_id"], "feature_classifier")}
+    assert logged == {f"feature_classifier/{p.name}" for p in cache_paths(digits.meta["prepared_dir"])}
     assert test["fid"] >= 0 and test["fid_real_floor"] >= 0 and 0 < test["coverage"] <= 1
     assert sum(test["class_counts"]) == test["samples"] == digits.meta["sizes"]["train"]
