@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.tokens import EOS, FIRST_SYMBOL, PAD
 from pipeline.data import Prepared
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +48,45 @@ def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+def write_spec(folder: Path, model: str, dataset: str, task: str) -> str:
+    """A one-epoch spec `t.yaml` in folder; `model` is the inside of its flow-style model mapping."""
+    path = folder / "t.yaml"
+    path.write_text(f"name: t\ndata: {{dataset: {dataset}}}\ntask: {task}\nmodel: {{{model}}}\n"
+                    "train: {epochs: 1}\n")
+    return str(path)
+
+
+def reverse_batch(n: int = 16, length: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `reverse` seq2seq batch: sources (n, length), half of them two tokens shorter, and their reversals
+    followed by EOS, (n, length + 1), PAD-filled."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(FIRST_SYMBOL, 9, (n, length), generator=g)
+    src[: n // 2, length - 2:] = PAD  # half the batch is shorter
+    lengths = (src != PAD).sum(1)
+    tgt = torch.full((n, length + 1), PAD)
+    for i, n_i in enumerate(lengths.tolist()):
+        tgt[i, :n_i] = src[i, :n_i].flip(0)
+        tgt[i, n_i] = EOS
+    return src, tgt
+
+
+def fit_losses(model, phase, x, y, steps: int, lr: float, every_param: bool = True) -> list[float]:
+    """`steps` Adam steps on one batch → the loss before each. Every gradient must be finite; with
+    `every_param`, every parameter of the phase must also get one (none left out of the graph)."""
+    opt = torch.optim.Adam(phase.params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, _ = phase.loss(model, x, y)
+        loss.backward()
+        grads = [p.grad for p in phase.params]
+        assert all(g is not None for g in grads) or not every_param, "a parameter got no gradient"
+        assert all(torch.isfinite(g).all() for g in grads if g is not None)
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 def files_under(folder: Path) -> set[str]:

@@ -14,6 +14,7 @@ from models.base import ArchitectureError
 from models.registry import DataShape
 from pipeline.cli import main
 from pipeline.tasks import make_task
+from tests.conftest import write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10, value_range=(-0.8, 1.8))
 VARIANTS = [(v, a) for v in ("ae", "dae", "vae") for a in ("mlp", "conv")]
@@ -222,19 +223,11 @@ def test_mlp_autoencoder_on_signals_and_conv_refuses_them():
 
 
 # ── specs through the real loader ────────────────────────────────────────────
-SPEC = """\
-name: t
-data: {{dataset: {dataset}}}
-task: {task}
-model: {{kind: autoencoder, latent: 4{extra}}}
-train: {{epochs: 1}}
-"""
+MODEL = "kind: autoencoder, latent: 4"  # the smallest valid one; tests append fields
 
 
 def write_spec(folder, dataset="digits", task="reconstruct", extra=""):
-    path = folder / "t.yaml"
-    path.write_text(SPEC.format(dataset=dataset, task=task, extra=extra))
-    return str(path)
+    return write_spec_file(folder, MODEL + extra, dataset, task)
 
 
 @pytest.mark.parametrize("extra", [", variant: vae, arch: conv, channels: [8, 16], beta: 0.5",

@@ -13,6 +13,7 @@ from models.gan import GANSpec, RangeTanh, discriminator_loss, generator_loss
 from models.registry import DataShape
 from pipeline.cli import main
 from pipeline.tasks import make_task
+from tests.conftest import write_spec as write_spec_file
 
 LOW, HIGH = -0.8, 1.8
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10, value_range=(LOW, HIGH))
@@ -233,19 +234,11 @@ def test_generate_needs_a_model_with_phases():
 
 
 # ── specs through the real loader ────────────────────────────────────────────
-SPEC = """\
-name: t
-data: {{dataset: {dataset}}}
-task: {task}
-model: {{kind: gan, latent: 8{extra}}}
-train: {{epochs: 1}}
-"""
+MODEL = "kind: gan, latent: 8"  # the smallest valid one; tests append fields
 
 
 def write_spec(folder, dataset="digits", task="generate", extra=""):
-    path = folder / "t.yaml"
-    path.write_text(SPEC.format(dataset=dataset, task=task, extra=extra))
-    return str(path)
+    return write_spec_file(folder, MODEL + extra, dataset, task)
 
 
 @pytest.mark.parametrize("extra", [", arch: dcgan, channels: [8, 16], loss: minimax",

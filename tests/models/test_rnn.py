@@ -14,6 +14,7 @@ from models.registry import DataShape
 from models.rnn import RecurrentLM, RecurrentNet, RNNSpec, SequenceView
 from pipeline.cli import main
 from pipeline.tasks import make_task
+from tests.conftest import fit_losses, write_spec as write_spec_file
 
 TORCH_RNN = {"rnn": lambda i, h, **kw: nn.RNN(i, h, nonlinearity="tanh", **kw), "lstm": nn.LSTM, "gru": nn.GRU}
 SIGNAL = DataShape(input_shape=(12,), output_size=3)
@@ -275,33 +276,17 @@ def test_rnn_trains_a_few_steps_and_its_loss_falls(case):
     torch.manual_seed(0)
     model = build_model(spec(**fields), shape)
     (phase,) = make_task(task_name).phases(model)
-    opt = torch.optim.Adam(phase.params, lr=3e-2)
     x, y = batch_for(task_name, shape)
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss, _ = phase.loss(model, x, y)
-        loss.backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in phase.params)
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, phase, x, y, steps=25, lr=3e-2)
     assert losses[-1] < 0.6 * losses[0], losses
 
 
 # ── specs ────────────────────────────────────────────────────────────────────
-SPEC = """\
-name: t
-data: {{dataset: {dataset}}}
-task: {task}
-model: {{kind: rnn, hidden_size: 8, embed_dim: 4{extra}}}
-train: {{epochs: 1}}
-"""
+MODEL = "kind: rnn, hidden_size: 8, embed_dim: 4"  # the smallest valid one; tests append fields
 
 
 def write_spec(folder, dataset="digits", task="classify", extra=""):
-    path = folder / "t.yaml"
-    path.write_text(SPEC.format(dataset=dataset, task=task, extra=extra))
-    return str(path)
+    return write_spec_file(folder, MODEL + extra, dataset, task)
 
 
 @pytest.mark.parametrize("dataset,task,extra,words", [

@@ -14,6 +14,7 @@ from models.seq2seq_rnn import GlobalAttention, Seq2SeqRNN, Seq2SeqRNNSpec
 from models.tokens import BOS, EOS, FIRST_SYMBOL, PAD
 from pipeline.cli import main
 from pipeline.tasks import make_task, teacher_forcing_input
+from tests.conftest import fit_losses, reverse_batch, write_spec as write_spec_file
 
 SEQ2SEQ = DataShape(input_shape=(6,), output_size=9, vocab_size=9, max_len=6, target_len=7)
 ATTENTIONS = ["none", "dot", "additive"]
@@ -22,18 +23,6 @@ ATTENTIONS = ["none", "dot", "additive"]
 def seq2seq(**fields) -> Seq2SeqRNN:
     torch.manual_seed(0)
     return build_model(Seq2SeqRNNSpec(kind="seq2seq_rnn", **{"embed_dim": 8, "hidden_size": 16, **fields}), SEQ2SEQ)
-
-
-def reverse_batch(n: int = 16, length: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(FIRST_SYMBOL, 9, (n, length), generator=g)
-    src[: n // 2, length - 2:] = PAD  # half the batch is shorter
-    lengths = (src != PAD).sum(1)
-    tgt = torch.full((n, length + 1), PAD)
-    for i, n_i in enumerate(lengths.tolist()):
-        tgt[i, :n_i] = src[i, :n_i].flip(0)
-        tgt[i, n_i] = EOS
-    return src, tgt
 
 
 # ── shapes and parameters ────────────────────────────────────────────────────
@@ -183,33 +172,17 @@ def test_greedy_output_is_what_teacher_forcing_on_it_predicts(attention):
 def test_seq2seq_rnn_trains_a_few_steps_and_its_loss_falls(cell, attention, layers):
     model = seq2seq(cell=cell, attention=attention, layers=layers, dropout=0.1 if layers > 1 else 0.0)
     (phase,) = make_task("seq2seq").phases(model)
-    opt = torch.optim.Adam(phase.params, lr=3e-2)
     x, y = reverse_batch()
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss, _ = phase.loss(model, x, y)
-        loss.backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in phase.params)
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, phase, x, y, steps=30, lr=3e-2)
     assert losses[-1] < 0.6 * losses[0], losses
 
 
 # ── specs ────────────────────────────────────────────────────────────────────
-SPEC = """\
-name: t
-data: {{dataset: {dataset}}}
-task: {task}
-model: {{kind: seq2seq_rnn, embed_dim: 4, hidden_size: 8{extra}}}
-train: {{epochs: 1}}
-"""
+MODEL = "kind: seq2seq_rnn, embed_dim: 4, hidden_size: 8"  # the smallest valid one; tests append fields
 
 
 def write_spec(folder, dataset="reverse", task="seq2seq", extra=""):
-    path = folder / "t.yaml"
-    path.write_text(SPEC.format(dataset=dataset, task=task, extra=extra))
-    return str(path)
+    return write_spec_file(folder, MODEL + extra, dataset, task)
 
 
 @pytest.mark.parametrize("extra", [", cell: gru, attention: additive", ", layers: 2, attention: none"])
@@ -223,7 +196,7 @@ def test_a_valid_seq2seq_rnn_spec(extra, project, capsys):
     ("reverse", ", attention: luong", "model.attention", "'none', 'dot' or 'additive'"),
     ("reverse", ", layers: 9", "model.layers", "less than or equal to 8"),
     ("reverse", ", bidirectional: true", "model.bidirectional", "Extra inputs are not permitted"),
-    ("digits", "", "data.dataset", "needs token data"),
+    ("digits", "", "task", "seq2seq needs token pairs data, but dataset 'digits' holds class data"),
 ])
 def test_invalid_seq2seq_rnn_specs_name_the_field(dataset, extra, field, words, project, capsys):
     assert main(["validate", write_spec(project, dataset, extra=extra)]) == 2

@@ -10,6 +10,7 @@ from models.tokens import BOS, EOS, FIRST_SYMBOL, PAD
 from models.transformer import DecoderOnly, EncoderDecoder, TransformerSpec
 from pipeline.cli import main
 from pipeline.tasks import make_task, teacher_forcing_input
+from tests.conftest import fit_losses, reverse_batch, write_spec as write_spec_file
 
 SIGNAL = DataShape(input_shape=(40,), output_size=10)
 SEQ2SEQ = DataShape(input_shape=(6,), output_size=9, vocab_size=9, max_len=6, target_len=7)
@@ -18,18 +19,6 @@ LM = DataShape(input_shape=(12,), output_size=7, vocab_size=7, max_len=12)
 
 def spec(**fields) -> TransformerSpec:
     return TransformerSpec(kind="transformer", **{"d_model": 32, "heads": 4, "layers": 1, "dropout": 0.0, **fields})
-
-
-def reverse_batch(n: int = 16, length: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(FIRST_SYMBOL, 9, (n, length), generator=g)
-    src[: n // 2, length - 2:] = PAD  # half the batch is shorter
-    lengths = (src != PAD).sum(1)
-    tgt = torch.full((n, length + 1), PAD)
-    for i, n_i in enumerate(lengths.tolist()):
-        tgt[i, :n_i] = src[i, :n_i].flip(0)
-        tgt[i, n_i] = EOS
-    return src, tgt
 
 
 def batch_for(task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,16 +47,8 @@ def test_each_shape_trains_a_few_steps_and_its_loss_falls(case):
     model = build_model(spec(shape=case.split("_mean")[0].split("_pre")[0], **extra), shape)
     task = make_task(task_name)
     (phase,) = task.phases(model)
-    opt = torch.optim.Adam(phase.params, lr=3e-3)
     x, y = batch_for(task_name)
-    losses = []
-    for _ in range(25):
-        opt.zero_grad()
-        loss, _ = phase.loss(model, x, y)
-        loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in phase.params if p.grad is not None)
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, phase, x, y, steps=25, lr=3e-3, every_param=False)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -177,19 +158,9 @@ def test_served_tasks_follow_the_shape():
     assert spec(shape="decoder").served_tasks() == {"lm"}
 
 
-SPEC = """\
-name: t
-data: {{dataset: {dataset}}}
-task: {task}
-model: {{kind: transformer, shape: {shape}, d_model: 16, heads: 2, layers: 1{extra}}}
-train: {{epochs: 1}}
-"""
-
-
 def write_spec(folder, dataset, task, shape, extra=""):
-    path = folder / "t.yaml"
-    path.write_text(SPEC.format(dataset=dataset, task=task, shape=shape, extra=extra))
-    return str(path)
+    return write_spec_file(folder, f"kind: transformer, shape: {shape}, d_model: 16, heads: 2, layers: 1{extra}",
+                           dataset, task)
 
 
 @pytest.mark.parametrize("dataset,task,shape", [("digits", "classify", "encoder"),
@@ -211,7 +182,7 @@ def test_a_decoder_only_transformer_cannot_do_seq2seq(project, capsys):
 @pytest.mark.parametrize("dataset,task,shape,extra,field,words", [
     ("digits", "classify", "encoder", ", patch: 3", "model.patch", "does not divide"),
     ("digits", "classify", "encoder", ", heads: 3", "model.heads", "divisible by heads"),
-    ("digits", "lm", "decoder", "", "model.shape", "reads token data"),
+    ("digits", "lm", "decoder", "", "task", "lm needs text data, but dataset 'digits' holds class data"),
 ])
 def test_invalid_transformer_specs_name_the_field(dataset, task, shape, extra, field, words, project, capsys):
     assert main(["validate", write_spec(project, dataset, task, shape, extra)]) == 2

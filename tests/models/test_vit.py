@@ -9,6 +9,7 @@ from models.registry import DataShape
 from models.vit import ViTSpec
 from pipeline.cli import main
 from pipeline.tasks import make_task
+from tests.conftest import fit_losses, write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10)
 
@@ -38,17 +39,9 @@ def test_vit_trains_a_few_steps_and_its_loss_falls(fields):
     torch.manual_seed(0)
     model = vit(**fields)
     (phase,) = make_task("classify").phases(model)
-    opt = torch.optim.Adam(phase.params, lr=3e-3)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss, _ = phase.loss(model, x, y)
-        loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in phase.params if p.grad is not None)
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, phase, x, y, steps=20, lr=3e-3, every_param=False)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -73,19 +66,11 @@ def test_only_the_positions_tell_the_patches_apart():
     torch.testing.assert_close(model(images), model(swapped))
 
 
-SPEC = """\
-name: t
-data: {{dataset: {dataset}}}
-task: {task}
-model: {{kind: vit, d_model: 16, heads: 2, depth: 1{extra}}}
-train: {{epochs: 1}}
-"""
+MODEL = "kind: vit, d_model: 16, heads: 2, depth: 1"  # the smallest valid one; tests append fields
 
 
 def write_spec(folder, dataset="digits", task="classify", extra=""):
-    path = folder / "t.yaml"
-    path.write_text(SPEC.format(dataset=dataset, task=task, extra=extra))
-    return str(path)
+    return write_spec_file(folder, MODEL + extra, dataset, task)
 
 
 def test_a_valid_vit_spec(project, capsys):
@@ -96,7 +81,7 @@ def test_a_valid_vit_spec(project, capsys):
 @pytest.mark.parametrize("dataset,task,extra,field,words", [
     ("digits", "classify", ", patch: 3", "model.patch", "does not divide the 8x8 image"),
     ("digits", "classify", ", heads: 3", "model.heads", "divisible by heads"),
-    ("diabetes", "classify", "", "model", "reads images"),
+    ("mnist1d", "classify", "", "model", "reads images"),  # 1-D signals: the task fits, the model does not
     ("digits", "generate", "", None, "cannot serve task 'generate'"),
 ])
 def test_invalid_vit_specs(dataset, task, extra, field, words, project, capsys):
