@@ -89,5 +89,14 @@ def fit_losses(model, phase, x, y, steps: int, lr: float, every_param: bool = Tr
     return losses
 
 
+def validate_error(spec_path: str, capsys) -> str:
+    """`archlab validate` on a bad spec must exit 2 without a traceback; → what it said on stderr."""
+    from pipeline.cli import main
+    assert main(["validate", spec_path]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}

@@ -9,7 +9,7 @@ from models.registry import DataShape
 from models.resnet import ResidualBlock, ResNetSpec
 from pipeline.cli import main
 from pipeline.tasks import make_task
-from tests.conftest import fit_losses, write_spec as write_spec_file
+from tests.conftest import fit_losses, validate_error, write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10)
 SIGNAL = DataShape(input_shape=(40,), output_size=3)
@@ -195,13 +195,11 @@ def test_a_valid_resnet_spec(project, capsys):
     (", shortcut: true", "model.shortcut", "Extra inputs are not permitted"),
 ])
 def test_invalid_resnet_specs_name_the_field(extra, field, words, project, capsys):
-    assert main(["validate", write_spec(project, extra=extra)]) == 2
-    err = capsys.readouterr().err
+    err = validate_error(write_spec(project, extra=extra), capsys)
     assert f"t.yaml: {field}: " in err and words in err, err
 
 
 def test_a_resnet_cannot_model_language(project, capsys):
-    assert main(["validate", write_spec(project, "corpus", "lm")]) == 2
-    err = capsys.readouterr().err
+    err = validate_error(write_spec(project, "corpus", "lm"), capsys)
     assert "model kind 'resnet' cannot serve task 'lm'" in err, err
     assert "Valid pairs:" in err and "resnet: classify, regress" in err and "rnn: classify, regress, lm" in err

@@ -9,7 +9,7 @@ from models.registry import DataShape
 from models.vit import ViTSpec
 from pipeline.cli import main
 from pipeline.tasks import make_task
-from tests.conftest import fit_losses, write_spec as write_spec_file
+from tests.conftest import fit_losses, validate_error, write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10)
 
@@ -85,8 +85,7 @@ def test_a_valid_vit_spec(project, capsys):
     ("digits", "generate", "", None, "cannot serve task 'generate'"),
 ])
 def test_invalid_vit_specs(dataset, task, extra, field, words, project, capsys):
-    assert main(["validate", write_spec(project, dataset, task, extra)]) == 2
-    err = capsys.readouterr().err
+    err = validate_error(write_spec(project, dataset, task, extra), capsys)
     assert words in err, err
     if field:
         assert f"t.yaml: {field}: " in err, err
