@@ -1,7 +1,16 @@
 """Shared fixtures: tiny real data, a temporary project folder, and CLI runs in-process."""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +105,35 @@ def validate_error(spec_path: str, capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     return err
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], **popen) -> Iterator[Callable[[str], object]]:
+    """Start a server process (its own session, so all its workers stop together); yield `ask(url)`, which
+    returns the JSON at url once the server answers, waiting up to 60 s for it to come up."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            **popen)
+
+    def ask(url: str):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return json.loads(urllib.request.urlopen(url, timeout=2).read())
+            except OSError:
+                assert proc.poll() is None, f"{cmd[0]} exited with status {proc.returncode}"
+                assert time.monotonic() < deadline, f"{url} did not answer within 60 s"
+                time.sleep(0.5)
+    try:
+        yield ask
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def files_under(folder: Path) -> set[str]:

@@ -22,7 +22,7 @@ from pipeline.spec import load_spec
 from pipeline.sweep import default_storage_url, open_storage, open_study, run_sweep, trials_used
 from pipeline.sweep_spec import Sweep, load_sweep, parse_path
 from pipeline.train import train_experiment
-from tests.conftest import REPO, tiny_classification
+from tests.conftest import REPO, free_port, serving, tiny_classification
 
 MLP = {"name": "tiny_mlp", "data": {"dataset": "tiny"}, "task": "classify",
        "model": {"kind": "mlp", "hidden": [16]},
@@ -215,6 +215,22 @@ def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(lab):
     exp = client.get_experiment_by_name("sweeps/tiny_sweep")
     children = client.search_runs([exp.experiment_id], filter_string="tags.`sweep.trial` != ''")
     assert sorted(int(r.data.tags["sweep.trial"]) for r in children) == list(range(5))
+
+
+@pytest.mark.slow
+def test_the_study_opens_in_optuna_dashboard_with_the_command_the_report_gives(lab):
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the dev extra")
+    sweep, study = run(lab, sweep_dict())
+    command = (lab / "reports/sweeps/tiny_sweep/README.md").read_text().split("Open it in the dashboard: `")[1]
+    program, storage = command.split("`")[0].split()
+    assert program == "optuna-dashboard" and storage == default_storage_url(lab / "sweeps", sweep.name)
+    port = free_port()
+    with serving([str(Path(sys.executable).parent / program), storage, "--host", "127.0.0.1", "--port", str(port)],
+                 cwd=lab) as ask:
+        (summary,) = ask(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        shown = ask(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}?after=0")
+    assert summary["study_name"] == study.study_name
+    assert sorted(t["number"] for t in shown["trials"]) == [t.number for t in study.trials]
 
 
 @pytest.mark.slow
