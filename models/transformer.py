@@ -19,6 +19,7 @@ from torch import nn
 
 from models.base import ArchitectureError, StrictModel
 from models.layers.activations import ActivationName
+from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
 from models.layers.transformer_layers import NormPlacement, TokenEmbedding, decoder_stack, encoder_stack
 from models.registry import DataShape, register
@@ -221,13 +222,7 @@ class TransformerSpec(StrictModel):
     tie_embeddings: bool = Field(default=True, description="encoder_decoder and decoder: the output layer reuses "
                                  "the token embedding matrix (the paper's weight sharing).")
 
-    @field_validator("heads")
-    @classmethod
-    def _heads_divide_width(cls, heads: int, info) -> int:
-        d_model = info.data.get("d_model")
-        if d_model is not None and d_model % heads:
-            raise ValueError(f"d_model {d_model} must be divisible by heads {heads} (each head gets d_model / heads)")
-        return heads
+    _heads_divide_width = field_validator("heads")(heads_divide_width)
 
     def served_tasks(self) -> frozenset[str]:
         return frozenset({TASKS_BY_SHAPE[self.shape]})

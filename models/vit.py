@@ -15,6 +15,7 @@ from torch import nn
 
 from models.base import ArchitectureError, StrictModel
 from models.layers.activations import ActivationName
+from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
 from models.layers.transformer_layers import NormPlacement, encoder_stack
 from models.registry import DataShape, register
@@ -81,13 +82,7 @@ class ViTSpec(StrictModel):
     norm: NormPlacement = Field(default="pre", description="pre: x + SubLayer(LayerNorm(x)) and a final LayerNorm "
                                 "(ViT); post: LayerNorm(x + SubLayer(x)) (the original Transformer).")
 
-    @field_validator("heads")
-    @classmethod
-    def _heads_divide_width(cls, heads: int, info) -> int:
-        d_model = info.data.get("d_model")
-        if d_model is not None and d_model % heads:
-            raise ValueError(f"d_model {d_model} must be divisible by heads {heads} (each head gets d_model / heads)")
-        return heads
+    _heads_divide_width = field_validator("heads")(heads_divide_width)
 
 
 # ── builder ───────────────────────────────────────────────────────────────────

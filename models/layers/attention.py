@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def heads_divide_width(heads: int, info) -> int:
+    """A spec's `heads` check (pydantic field validator, `d_model` declared before `heads`): each head gets
+    d_model / heads dimensions, so heads must divide d_model."""
+    d_model = info.data.get("d_model")
+    if d_model is not None and d_model % heads:
+        raise ValueError(f"d_model {d_model} must be divisible by heads {heads} (each head gets d_model / heads)")
+    return heads
+
+
 def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) -> torch.Tensor:
     """(Tq, Tk) bool, True where query i may attend to key j, i.e. j <= i: no peeking at future tokens."""
     return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril()
