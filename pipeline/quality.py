@@ -198,7 +198,10 @@ def load_reference(meta: dict) -> Reference | None:
     if weights_path.is_file() and report_path.is_file():
         report = json.loads(report_path.read_text())
         if report.get("content_hash") == meta.get("content_hash"):
-            model = FeatureClassifier(tuple(meta["input_shape"]), meta["num_classes"])
+            # Its random initialisation, overwritten at once, must not move the caller's random stream either:
+            # a run that loads the cached classifier mid-training draws what a run that trains it draws.
+            with torch.random.fork_rng(devices=[]):
+                model = FeatureClassifier(tuple(meta["input_shape"]), meta["num_classes"])
             model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
             return Reference(model.eval(), report)
     return _train_and_cache(meta, Path(folder), weights_path, report_path)

@@ -20,8 +20,9 @@ from pipeline.quality import (COVERED_SHARE, cache_paths, class_coverage, featur
                               frechet_distance, gaussian_from_sums, load_reference)
 from pipeline.spec import load_spec
 from pipeline.tasks import ReconstructTask
-from pipeline.train import train_experiment
+from pipeline.train import CHECKPOINT, Trainer, train_experiment
 from tests.conftest import tiny_classification
+from tests.pipeline.test_train import Interrupt, interrupt_after
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -182,12 +183,17 @@ def test_the_feature_classifier_is_retrained_only_when_the_data_change(tmp_path)
     weights, report = cache_paths(folder)
     assert weights == folder.parent / "tiny.feature_classifier.pt" and not weights.exists()
 
+    torch.manual_seed(7)
+    stream = torch.get_rng_state()
     first = load_reference(meta)
     assert first.report["content_hash"] == "first" and first.report["test_accuracy"] > 0.9  # separable blobs
     assert json.loads(report.read_text()) == first.report
     stamp = weights.stat().st_mtime_ns, report.stat().st_mtime_ns
     again = load_reference(meta)
     assert (weights.stat().st_mtime_ns, report.stat().st_mtime_ns) == stamp  # loaded, not retrained
+    # Neither training nor loading moves the caller's random stream: a training run draws the same
+    # numbers whether or not it found the classifier cached.
+    assert torch.equal(torch.get_rng_state(), stream)
     for key, value in first.classifier.state_dict().items():
         assert torch.equal(again.classifier.state_dict()[key], value), key
     assert not any(folder.glob("*feature_classifier*")), "the cache must stay outside the prepared (DVC) folder"
@@ -297,3 +303,19 @@ def test_a_gan_generates_digits_end_to_end(digits, tmp_path):
     assert logged == {f"feature_classifier/{p.name}" for p in cache_paths(digits.meta["prepared_dir"])}
     assert test["fid"] >= 0 and test["fid_real_floor"] >= 0 and 0 < test["coverage"] <= 1
     assert sum(test["class_counts"]) == test["samples"] == digits.meta["sizes"]["train"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_gan_resumes_to_the_numbers_of_a_straight_run(digits, tmp_path):
+    """Two players, two optimizers, sampling noise: the checkpoint must hold all of it."""
+    spec, _ = run_spec(tmp_path, GAN_SPEC.replace("epochs: 2", "epochs: 3"))
+    straight = Trainer(spec, digits, tmp_path / "straight", progress=False).run()
+    with pytest.raises(Interrupt):
+        Trainer(spec, digits, tmp_path / "resumed", callbacks=[interrupt_after(2)], progress=False).run()
+    resumed_trainer = Trainer(spec, digits, tmp_path / "resumed", progress=False)
+    resumed = resumed_trainer.run()
+    assert resumed["epochs"] == straight["epochs"] == 3
+    assert resumed["final"] == straight["final"]  # d_loss, g_loss, fid, coverage: bit for bit
+    straight_model = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["model"]
+    for key, value in resumed_trainer.model.state_dict().items():
+        assert torch.equal(value, straight_model[key]), key
