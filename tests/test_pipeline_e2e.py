@@ -17,6 +17,11 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 EXPERIMENTS = {"digits_mlp": "digits", "digits_lenet5": "digits", "diabetes_mlp": "diabetes"}
+# A two-trial sweep: its trials train under runs/, which must not make `compare` stale.
+SWEEP = {"name": "tiny", "candidates": {"mlp": {"spec": "digits_mlp", "space": {
+    "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}},
+    "objective": {"metric": "val/accuracy", "direction": "maximize"}, "sampler": {"name": "random"},
+    "pruner": {"name": "none"}, "budget": {"trials": 2, "epochs": 1}}
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -40,7 +45,7 @@ def shrink_spec(path: Path, epochs: int = 2) -> None:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clone")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     (root / "specs").mkdir()
@@ -50,7 +55,9 @@ def clone(tmp_path_factory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["experiments"] = EXPERIMENTS
     params["datasets"] = {k: v for k, v in params["datasets"].items() if k in EXPERIMENTS.values()}
-    params["sweeps"] = []
+    (root / "specs" / "sweeps").mkdir()
+    (root / "specs" / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
+    params["sweeps"] = ["tiny"]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -68,6 +75,8 @@ def test_repro_trains_evaluates_and_compares_every_experiment(clone):
             __import__("json").loads((clone / "runs" / row["experiment"] / "eval.json").read_text())["test"][row["metric"]])
     md = (clone / "reports" / "comparison.md").read_text()
     assert all(name in md for name in EXPERIMENTS)
+    summary = __import__("json").loads((clone / "reports" / "sweeps" / "tiny" / "summary.json").read_text())
+    assert summary["best"]["trials/complete"] == 2
 
 
 def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):
