@@ -14,9 +14,11 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from pipeline.report_data import RunRecord, finite, pareto_front
@@ -227,15 +229,8 @@ def pareto(writer: FigureWriter, dataset: str, task: str, records: list[RunRecor
         if not pts:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="0.5")
             continue
-        logs = [math.log10(x) for _, x, _ in pts]
-        low, span = min(logs), (max(logs) - min(logs)) or 1.0
-        for i, (r, x, yv) in enumerate(sorted(pts, key=lambda p: (p[1], p[2]))):
+        for r, x, yv in pts:
             ax.scatter([x], [yv], s=18, color=colors[r.name], zorder=3)
-            # Labels right of a point, left of those at the right end; alternately above and below, so
-            # neighbours with near-equal scores do not print over each other.
-            right_end = (math.log10(x) - low) / span > 0.7
-            ax.annotate(r.name, (x, yv), xytext=(-4 if right_end else 4, 4 if i % 2 == 0 else -9),
-                        textcoords="offset points", fontsize=6, ha="right" if right_end else "left")
         front = pareto_front([(x, yv) for _, x, yv in pts], mode)
         fx, fy = [pts[i][1] for i in front], [pts[i][2] for i in front]
         ax.step(fx, fy, "--", where="post", color="0.35", lw=0.9, zorder=2)
@@ -245,6 +240,9 @@ def pareto(writer: FigureWriter, dataset: str, task: str, records: list[RunRecor
         log_axis(ax.xaxis, min(costs) / 1.5, max(costs) * 1.5)
         ax.margins(x=0.15, y=0.12)
     axes[0].set_ylabel(f"test {metric}")
+    FigureCanvasAgg(fig).draw()  # fixes the axis limits: labels are placed in display coordinates
+    for ax, (key, _) in zip(axes, axes_spec):
+        label_points(ax, [(r.name, x, yv, colors[r.name]) for r, x, yv in points[key]])
     if any(ax.collections for ax in axes):
         fig.legend(handles=[Line2D([], [], ls="--", color="0.35", marker="o", mfc="none", mec="0.2", ms=7)],
                    labels=["Pareto front"], loc="upper center", frameon=False)
@@ -254,6 +252,41 @@ def pareto(writer: FigureWriter, dataset: str, task: str, records: list[RunRecor
                "is both cheaper and better.")
     return writer.save(fig, f"pareto_{slug(dataset, task)}", f"fig-pareto-{slug(dataset, task)}",
                        f"Cost against quality — {dataset} ({task})", caption)
+
+
+# Where a point's label may go, in points from the point: right, left, then further above and below.
+LABEL_OFFSETS = ((4, 3), (4, -9), (-4, 3), (-4, -9), (6, 14), (-6, 14), (6, -20), (-6, -20), (10, 24), (-10, -30))
+
+
+def label_points(ax, points: list[tuple[str, float, float, tuple]], fontsize: float = 6) -> None:
+    """Name each point (name, x, y, colour) at the first nearby place where its label stays inside the axes
+    and covers no point and no label placed before it, so that models with near-equal scores stay readable.
+    A label in its point's colour; one moved away from its point gets a thin leader line to it; one with no
+    free place goes right of and above its point. The axis limits must be final (draw first)."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((x, y)) for _, x, y, _ in points]
+
+    def place(name: str, x: float, y: float, color, offset: tuple[float, float]):
+        far = offset not in LABEL_OFFSETS[:4]
+        text = ax.annotate(name, (x, y), xytext=offset, textcoords="offset points", fontsize=fontsize,
+                           color=color, ha="left" if offset[0] > 0 else "right",
+                           arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "shrinkA": 0,
+                                       "shrinkB": 3} if far else None)
+        text.update_positions(renderer)
+        return text, Text.get_window_extent(text, renderer)  # the words alone, not the leader line
+
+    taken = []
+    for name, x, y, color in points:
+        for offset in LABEL_OFFSETS:
+            text, box = place(name, x, y, color, offset)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(o) for o in taken) and not any(box.contains(*d) for d in dots):
+                break
+            text.remove()
+        else:
+            text, box = place(name, x, y, color, LABEL_OFFSETS[0])
+        taken.append(box)
 
 
 def _tick_label(value: float, _pos=None) -> str:
