@@ -433,3 +433,27 @@ def test_headless_chromium_loads_every_image_and_notices_a_broken_one(zoo, tmp_p
     bad_path.write_text(html)
     bad = subprocess.run([*script, str(bad_path)], check=False, capture_output=True, text=True, timeout=180)
     assert bad.returncode == 1 and "fig-grad-huge_lr" in bad.stderr and "1 broken" in bad.stdout
+
+
+def test_pareto_labels_of_crowded_points_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from pipeline.report_figures import LABEL_OFFSETS, label_points
+    fig = Figure(figsize=(4, 3))
+    ax = fig.subplots()
+    points = [(f"experiment_{i}", 1.0 + 0.05 * i, 0.97 + 0.001 * (i % 2), (0, 0, 0)) for i in range(5)]
+    points.append(("far_away", 3.0, 0.5, (0, 0, 0)))
+    ax.scatter([x for _, x, _, _ in points], [y for _, _, y, _ in points])
+    ax.margins(x=0.15, y=0.12)  # as the Pareto figure has them
+    FigureCanvasAgg(fig).draw()
+    label_points(ax, points)
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for text in ax.texts:
+        text.update_positions(renderer)
+        boxes.append(Text.get_window_extent(text, renderer))
+    assert sorted(t.get_text() for t in ax.texts) == sorted(name for name, *_ in points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert ax.texts[-1].xyann in LABEL_OFFSETS[:4]  # a lone point's label stays beside it, with no leader line
