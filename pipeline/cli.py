@@ -138,10 +138,10 @@ def cmd_evaluate(args) -> int:
     from pipeline.spec import load_spec
     config = _config(args)
     spec = load_spec(args.spec)
-    data = _ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
-    if not (run_dir / "checkpoint.pt").is_file():
+    if not (run_dir / "checkpoint.pt").is_file():  # before preparing data: a mistake writes nothing
         raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")
+    data = _ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     result = evaluate_run(spec, data, run_dir, None if args.no_track else tracking_uri(config))
     scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
     print(f"{spec.name}: test {scalars}")

@@ -117,6 +117,13 @@ def test_bad_command_line_exits_2(project, capsys):
     assert exc.value.code == 2
 
 
+def test_evaluating_a_run_never_trained_exits_2_and_writes_nothing(project, capsys):
+    before = files_under(project)
+    assert main(["evaluate", "specs/digits_mlp.yaml"]) == 2
+    assert "runs/digits_mlp: no checkpoint.pt; run `archlab train` first" in capsys.readouterr().err
+    assert files_under(project) == before  # not even the dataset is prepared for it
+
+
 def test_schema_verb_writes_the_schema(project, capsys):
     assert main(["schema", "--out", str(project / "out")]) == 0
     schema = json.loads((project / "out" / "schema.json").read_text())
