@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real data, a temporary project folder, and CLI runs in-process."""
+"""Shared fixtures and helpers: tiny real data, a temporary project folder, spec files and their CLI errors,
+a few training steps, a seq2seq batch, and servers started and asked in tests."""
 from __future__ import annotations
 
 import contextlib
