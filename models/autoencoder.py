@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel
+from models.base import ArchitectureError, StrictModel, reject_fields_set_in_vain
 from models.layers.activations import ActivationName, make_activation
 from models.layers.resampling import conv_down, conv_up, halving_sizes
 from models.registry import DataShape, register
@@ -234,11 +234,7 @@ class AutoencoderSpec(StrictModel):
 
     @model_validator(mode="after")
     def _fields_fit_variant_and_arch(self) -> "AutoencoderSpec":
-        for name in sorted(self.model_fields_set & _ONLY_FOR.keys()):
-            attr, needed = _ONLY_FOR[name]
-            if getattr(self, attr) != needed:
-                raise ValueError(f"{name} applies to {attr} {needed} only (this one is {attr} "
-                                 f"{getattr(self, attr)}); remove it")
+        reject_fields_set_in_vain(self, _ONLY_FOR)
         if self.variant == "dae" and self.noise != "gaussian" and self.noise_level >= 1.0:
             raise ValueError(f"noise_level is the fraction of entries {self.noise} corrupts: it must be below 1, "
                              f"got {self.noise_level}")

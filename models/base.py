@@ -1,4 +1,5 @@
-"""What every spec class shares: strictness. Not behaviour (families do not inherit code)."""
+"""What every spec class shares: strictness, and one check that a field set means something. No model
+behaviour: families do not inherit code."""
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
@@ -17,3 +18,15 @@ class ArchitectureError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+def reject_fields_set_in_vain(spec: BaseModel, only_for: dict[str, tuple[str, object]]) -> None:
+    """A field set that means nothing in the spec's configuration is a mistake, not a silent no-op.
+
+    `only_for` maps a field to (attribute, value) that gives it meaning, e.g. {"channels": ("arch", "conv")}.
+    """
+    for name in sorted(spec.model_fields_set & only_for.keys()):
+        attr, needed = only_for[name]
+        if getattr(spec, attr) != needed:
+            raise ValueError(f"{name} applies to {attr} {needed} only (this one is {attr} {getattr(spec, attr)}); "
+                             "remove it")

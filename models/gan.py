@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel
+from models.base import ArchitectureError, StrictModel, reject_fields_set_in_vain
 from models.layers.resampling import conv_down, conv_up, halving_sizes
 from models.registry import DataShape, register
 
@@ -209,7 +209,7 @@ class GAN(nn.Module):
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────
-_ONLY_FOR_ARCH = {"hidden": "mlp", "channels": "dcgan"}
+_ONLY_FOR = {"hidden": ("arch", "mlp"), "channels": ("arch", "dcgan")}  # field → (attribute, value it needs)
 
 
 class GANSpec(StrictModel):
@@ -242,10 +242,7 @@ class GANSpec(StrictModel):
 
     @model_validator(mode="after")
     def _fields_fit_arch(self) -> "GANSpec":
-        for name in sorted(self.model_fields_set & _ONLY_FOR_ARCH.keys()):
-            if self.arch != _ONLY_FOR_ARCH[name]:
-                raise ValueError(f"{name} applies to arch {_ONLY_FOR_ARCH[name]} only (this one is arch "
-                                 f"{self.arch}); remove it")
+        reject_fields_set_in_vain(self, _ONLY_FOR)
         return self
 
 
