@@ -31,19 +31,17 @@ def _ensure_prepared(config, spec, folder: Path, spec_path: str):
     architecture leaves no prepared folder behind.
     """
     from pipeline.config import dataset_spec
-    from pipeline.data import build_arrays, load_prepared, shape_from_meta, write_prepared
+    from pipeline.data import build_arrays, load_prepared, write_prepared
     dataset = spec.data.dataset
     if (folder / "meta.json").is_file():
         data = load_prepared(folder)
         if data.meta["name"] != dataset:
             raise UserError(folder, f"holds dataset {data.meta['name']!r} but the spec asks for {dataset!r}",
                             field="data.dataset")
-        check_task_fits_data(spec, data.meta, spec_path)
-        check_buildable(spec, data.shape, spec_path)
+        check_buildable(spec, data.meta, spec_path)
         return data
     arrays, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
-    check_task_fits_data(spec, meta, spec_path)
-    check_buildable(spec, shape_from_meta(meta), spec_path)
+    check_buildable(spec, meta, spec_path)
     print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
     write_prepared(arrays, meta, folder)
     return load_prepared(folder)
@@ -59,19 +57,18 @@ def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
     return meta
 
 
-def check_task_fits_data(spec, meta: dict, source) -> None:
-    """A task reads one kind of data: classify on text, say, is a spec mistake, caught before any training."""
+def check_buildable(spec, meta: dict, source):
+    """The spec fits the data that `meta` describes: its task can read them (classify on text is a spec
+    mistake), and its model builds and runs one tiny batch (an impossible architecture names its layer)."""
+    import torch
+    from models import build_model
+    from models.base import ArchitectureError
+    from pipeline.data import shape_from_meta
     from pipeline.tasks import task_data_mismatch
     reason = task_data_mismatch(spec.task, meta)
     if reason is not None:
         raise UserError(source, reason, field="task")
-
-
-def check_buildable(spec, shape, source):
-    """Build the model and run one tiny batch: an impossible architecture names its layer."""
-    import torch
-    from models import build_model
-    from models.base import ArchitectureError
+    shape = shape_from_meta(meta)
     try:
         model = build_model(spec.model, shape)
         model.eval()
@@ -107,9 +104,8 @@ def cmd_validate(args) -> int:
     for path in args.specs:
         spec = load_spec(path)
         meta = dataset_meta(config, spec.data.dataset, config.paths.data / spec.data.dataset, path)
-        check_task_fits_data(spec, meta, path)
+        model, out = check_buildable(spec, meta, path)
         shape = shape_from_meta(meta)
-        model, out = check_buildable(spec, shape, path)
         params = sum(p.numel() for p in model.parameters())
         out_shape = tuple(out.shape[1:]) if hasattr(out, "shape") else "(see model)"
         print(f"{path}: ok — {spec.name}: {spec.model.kind} for {spec.task} on {spec.data.dataset}, "

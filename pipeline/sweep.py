@@ -423,7 +423,7 @@ def run_trial(study, trial, sweep: Sweep, data, job: SweepJob) -> None:
     try:
         spec = build_trial_spec(sweep, candidate, values, name,
                                 f"Sweep {sweep.name}, trial {root}: candidate {candidate}.")
-        check_trial_buildable(spec, data.shape)
+        check_trial_buildable(spec, data.meta)
     except InvalidTrial as err:
         _fail(study, trial, str(err), child, values=values)
         return
@@ -511,7 +511,7 @@ def preflight(sweep: Sweep, data) -> None:
     from pipeline.train import evaluate_split
     metric = sweep.spec.objective.metric
     for key, base in sweep.bases.items():
-        model, _ = check_buildable(base, data.shape, sweep.base_paths[key])
+        model, _ = check_buildable(base, data.meta, sweep.base_paths[key])
         task = make_task(base.task, data.meta)
         t = data.tensors
         available = [f"val/{k}" for k in evaluate_split(model, task, t["val_x"][:8], t["val_y"][:8])]

@@ -398,11 +398,11 @@ def build_trial_spec(sweep: Sweep, candidate: str, values: dict[str, Any], name:
         raise InvalidTrial(f"invalid spec: {bad.field}: {bad.message}") from None
 
 
-def check_trial_buildable(spec: ExperimentSpec, shape) -> None:
+def check_trial_buildable(spec: ExperimentSpec, meta: dict) -> None:
     """Build the model and run a zero batch; any failure makes the trial invalid, with the reason."""
     from pipeline.cli import check_buildable
     try:
-        check_buildable(spec, shape, "trial")
+        check_buildable(spec, meta, "trial")
     except UserError as err:
         raise InvalidTrial(f"impossible architecture: {err.field or 'model'}: {err.message}") from None
     except Exception as err:  # noqa: BLE001 - e.g. an attention width not divisible by its heads

@@ -340,6 +340,15 @@ def test_a_bad_sweep_spec_is_a_clear_error(lab, capsys, change, field, words):
     assert not (lab / "sweeps").exists() and not (lab / "runs").exists()
 
 
+def test_a_candidate_whose_task_cannot_read_the_data_stops_the_sweep_before_any_trial(lab, capsys):
+    (lab / "specs" / "tiny_cnn.yaml").write_text(yaml.safe_dump({**CNN, "task": "regress"}))  # tiny has classes
+    path = write_sweep(lab, sweep_dict())
+    assert main(["sweep", str(path), "--no-track"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny_cnn.yaml: task: regress needs value data, but dataset 'tiny' holds class data" in err, err
+    assert not (lab / "runs").exists()
+
+
 def test_parse_path_reads_names_and_indices():
     assert parse_path("model.layers[1].channels") == ["model", "layers", 1, "channels"]
     assert parse_path("train.optimizer.lr") == ["train", "optimizer", "lr"]
