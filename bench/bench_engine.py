@@ -44,16 +44,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import build_model
-from pipeline.data import BUILTIN_DATASETS, Prepared, build_arrays
-from pipeline.spec import ExperimentSpec, load_spec
-from pipeline.tasks import make_task
-from pipeline.train import (
-    Trainer,
-    lr_factor,
-    make_optimizer,
-    seed_everything,
-    train_experiment,
-)
+from pipeline.specs.datasets import BUILTIN_DATASETS
+from pipeline.data.prepare import Prepared, build_arrays
+from pipeline.specs.experiment import ExperimentSpec, load_spec
+from pipeline.engine.tasks import make_task
+from pipeline.engine.train import Trainer, lr_factor, make_optimizer, seed_everything, train_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = {"mlp": REPO / "specs" / "mnist1d_mlp.yaml", "cnn": REPO / "specs" / "mnist1d_cnn.yaml"}

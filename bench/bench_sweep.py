@@ -68,8 +68,8 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.sweep import default_storage_url, open_storage, run_sweep
-    from pipeline.sweep_spec import load_sweep
+    from pipeline.sweeps.study import default_storage_url, open_storage, run_sweep
+    from pipeline.specs.sweep import load_sweep
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -102,7 +102,7 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
 def _hammer(url: str, study_name: str, trials: int, steps: int, out) -> None:
     import optuna
 
-    from pipeline.sweep import open_storage
+    from pipeline.sweeps.study import open_storage
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     errors, done, first_error = 0, 0, ""
     study = optuna.load_study(study_name=study_name, storage=open_storage(url),
@@ -127,7 +127,7 @@ def _hammer(url: str, study_name: str, trials: int, steps: int, out) -> None:
 def stress_storage(kind: str, procs: int, trials: int, steps: int, folder: Path) -> dict:
     import optuna
 
-    from pipeline.sweep import open_storage
+    from pipeline.sweeps.study import open_storage
     url = str(folder / f"stress-{procs}.journal") if kind == "journal" else f"sqlite:///{folder}/stress-{procs}.db"
     optuna.create_study(study_name="stress", storage=open_storage(url), direction="maximize")
     ctx = multiprocessing.get_context("spawn")

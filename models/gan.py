@@ -202,7 +202,7 @@ class GAN(nn.Module):
 
     def training_phases(self) -> list:
         """Discriminator first, then generator: each with its own parameters, loss, learning rate and betas."""
-        from pipeline.tasks import Phase  # here, not at import: pipeline.tasks imports the models package
+        from pipeline.engine.tasks import Phase  # here, not at import: pipeline.engine.tasks imports the models package
         return [Phase("discriminator", list(self.discriminator.parameters()), discriminator_step, self.d_lr,
                       self.d_betas),
                 Phase("generator", list(self.generator.parameters()), generator_step, self.g_lr, self.g_betas)]

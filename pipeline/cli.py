@@ -5,18 +5,18 @@ User mistakes end in `file: field: message` on stderr and exit status 2, without
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.engine.checks import check_buildable, dataset_meta, ensure_prepared
+from pipeline.specs.errors import UserError
 
 EXIT_USER_ERROR = 2
 
 
 # ── shared steps ─────────────────────────────────────────────────────────────
 def _config(args):
-    from pipeline.config import load_config
+    from pipeline.specs.config import load_config
     return load_config(args.params)
 
 
@@ -24,70 +24,10 @@ def _data_dir(args, config, dataset: str) -> Path:
     return Path(args.data) if args.data else config.paths.data / dataset
 
 
-def _ensure_prepared(config, spec, folder: Path, spec_path: str):
-    """Load the spec's prepared dataset, preparing it first on a fresh checkout.
-
-    The model is checked against the data's shape before anything is written, so an impossible
-    architecture leaves no prepared folder behind.
-    """
-    from pipeline.config import dataset_spec
-    from pipeline.data import build_arrays, load_prepared, write_prepared
-    dataset = spec.data.dataset
-    if (folder / "meta.json").is_file():
-        data = load_prepared(folder)
-        if data.meta["name"] != dataset:
-            raise UserError(folder, f"holds dataset {data.meta['name']!r} but the spec asks for {dataset!r}",
-                            field="data.dataset")
-        check_buildable(spec, data.meta, spec_path)
-        return data
-    arrays, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
-    check_buildable(spec, meta, spec_path)
-    print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
-    write_prepared(arrays, meta, folder)
-    return load_prepared(folder)
-
-
-def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
-    """The data's meta.json, from a prepared folder or, failing that, built in memory (nothing written)."""
-    from pipeline.config import dataset_spec
-    from pipeline.data import build_arrays
-    if (folder / "meta.json").is_file():
-        return json.loads((folder / "meta.json").read_text())
-    _, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
-    return meta
-
-
-def check_buildable(spec, meta: dict, source):
-    """The spec fits the data that `meta` describes: its task can read them (classify on text is a spec
-    mistake), and its model builds and runs one tiny batch (an impossible architecture names its layer)."""
-    import torch
-    from models import build_model
-    from models.base import ArchitectureError
-    from pipeline.data import shape_from_meta
-    from pipeline.tasks import task_data_mismatch
-    reason = task_data_mismatch(spec.task, meta)
-    if reason is not None:
-        raise UserError(source, reason, field="task")
-    shape = shape_from_meta(meta)
-    try:
-        model = build_model(spec.model, shape)
-        model.eval()
-        dtype = torch.long if shape.vocab_size else torch.float32
-        x = torch.zeros((2, *shape.input_shape), dtype=dtype)
-        with torch.no_grad():
-            out = model.example_forward(x) if hasattr(model, "example_forward") else model(x)
-    except ArchitectureError as err:
-        raise UserError(source, err.message, field=err.field) from None
-    except RuntimeError as err:
-        raise UserError(source, f"the architecture does not fit the data ({shape.input_shape}): {err}",
-                        field="model") from None
-    return model, out
-
-
 # ── verbs ────────────────────────────────────────────────────────────────────
 def cmd_prepare(args) -> int:
-    from pipeline.config import dataset_spec
-    from pipeline.data import prepare
+    from pipeline.specs.config import dataset_spec
+    from pipeline.data.prepare import prepare
     config = _config(args)
     names = args.datasets or sorted({*config.datasets, *config.experiments.values()})
     for name in names:
@@ -98,8 +38,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from pipeline.data import shape_from_meta
-    from pipeline.spec import load_spec
+    from pipeline.data.prepare import shape_from_meta
+    from pipeline.specs.experiment import load_spec
     config = _config(args)
     for path in args.specs:
         spec = load_spec(path)
@@ -114,12 +54,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.config import tracking_uri
-    from pipeline.spec import load_spec
-    from pipeline.train import train_experiment
+    from pipeline.specs.config import tracking_uri
+    from pipeline.specs.experiment import load_spec
+    from pipeline.engine.train import train_experiment
     config = _config(args)
     spec = load_spec(args.spec)
-    data = _ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
+    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
     metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
     final = metrics["final"].get(f"val/{metrics['main_metric']}")
@@ -129,15 +69,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.config import tracking_uri
-    from pipeline.evaluate import evaluate_run
-    from pipeline.spec import load_spec
+    from pipeline.specs.config import tracking_uri
+    from pipeline.engine.evaluate import evaluate_run
+    from pipeline.specs.experiment import load_spec
     config = _config(args)
     spec = load_spec(args.spec)
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
     if not (run_dir / "checkpoint.pt").is_file():  # before preparing data: a mistake writes nothing
         raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")
-    data = _ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
+    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     result = evaluate_run(spec, data, run_dir, None if args.no_track else tracking_uri(config))
     scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
     print(f"{spec.name}: test {scalars}")
@@ -145,8 +85,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from pipeline.compare import compare
-    from pipeline.config import tracking_uri
+    from pipeline.reports.compare import compare
+    from pipeline.specs.config import tracking_uri
     config = _config(args)
     names = args.experiments or list(config.experiments)
     runs = Path(args.runs) if args.runs else config.paths.runs
@@ -157,7 +97,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from pipeline.schema import write_schemas
+    from pipeline.specs.schema import write_schemas
     config = _config(args)
     for path in write_schemas(Path(args.out) if args.out else config.paths.specs):
         print(f"wrote {path}")
@@ -165,16 +105,16 @@ def cmd_schema(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from pipeline.config import tracking_uri
-    from pipeline.sweep import default_storage_url, run_sweep
-    from pipeline.sweep_spec import load_sweep
+    from pipeline.specs.config import tracking_uri
+    from pipeline.sweeps.study import default_storage_url, run_sweep
+    from pipeline.specs.sweep import load_sweep
     config = _config(args)
     if args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")
     sweep = load_sweep(args.sweep, config.paths.specs)
     first = next(iter(sweep.bases))
     data_dir = _data_dir(args, config, sweep.dataset)
-    _ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
+    ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
     storage = args.storage or default_storage_url(config.paths.sweeps, sweep.name)
     report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
     result = run_sweep(sweep, data_dir, config.paths.runs / "sweeps" / sweep.name, report_dir, storage,
@@ -189,7 +129,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from pipeline.config import tracking_uri
+    from pipeline.specs.config import tracking_uri
     from pipeline.ui import run_ui
     return run_ui(tracking_uri(_config(args)), port=args.port)
 

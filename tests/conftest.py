@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from models.tokens import EOS, FIRST_SYMBOL, PAD
-from pipeline.data import Prepared
+from pipeline.data.prepare import Prepared
 
 REPO = Path(__file__).resolve().parent.parent
 

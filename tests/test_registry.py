@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from models import MODEL_SPECS, build_model, registered_kinds
-from pipeline.config import load_config
-from pipeline.spec import load_spec
-from pipeline.tasks import make_task
+from pipeline.specs.config import load_config
+from pipeline.specs.experiment import load_spec
+from pipeline.engine.tasks import make_task
 from tests.conftest import REPO
 
 SPEC_FILES = sorted((REPO / "specs").glob("*.yaml"))
@@ -44,13 +44,13 @@ def _one_spec_per_kind():
 
 @pytest.mark.parametrize("path", _one_spec_per_kind(), ids=lambda p: p.stem)
 def test_every_kind_runs_forward_and_backward_without_nan(path):
-    from pipeline.config import dataset_spec
-    from pipeline.data import build_arrays
+    from pipeline.specs.config import dataset_spec
+    from pipeline.data.prepare import build_arrays
 
     spec = load_spec(path)
     config = load_config(REPO / "params.yaml")
     arrays, meta = build_arrays(spec.data.dataset, dataset_spec(config, spec.data.dataset))
-    from pipeline.data import shape_from_meta
+    from pipeline.data.prepare import shape_from_meta
     torch.manual_seed(0)
     model = build_model(spec.model, shape_from_meta(meta))
     task = make_task(spec.task, meta)

@@ -13,7 +13,7 @@ from models.autoencoder import AutoencoderSpec, corrupt, gaussian_nll, kl_to_sta
 from models.base import ArchitectureError
 from models.registry import DataShape
 from pipeline.cli import main
-from pipeline.tasks import make_task
+from pipeline.engine.tasks import make_task
 from tests.conftest import validate_error, write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10, value_range=(-0.8, 1.8))

@@ -12,7 +12,7 @@ from models.base import ArchitectureError
 from models.gan import GANSpec, RangeTanh, discriminator_loss, generator_loss
 from models.registry import DataShape
 from pipeline.cli import main
-from pipeline.tasks import make_task
+from pipeline.engine.tasks import make_task
 from tests.conftest import validate_error, write_spec as write_spec_file
 
 LOW, HIGH = -0.8, 1.8

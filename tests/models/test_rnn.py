@@ -13,7 +13,7 @@ from models.layers.recurrent import StackedRNN
 from models.registry import DataShape
 from models.rnn import RecurrentLM, RecurrentNet, RNNSpec, SequenceView
 from pipeline.cli import main
-from pipeline.tasks import make_task
+from pipeline.engine.tasks import make_task
 from tests.conftest import fit_losses, validate_error, write_spec as write_spec_file
 
 TORCH_RNN = {"rnn": lambda i, h, **kw: nn.RNN(i, h, nonlinearity="tanh", **kw), "lstm": nn.LSTM, "gru": nn.GRU}

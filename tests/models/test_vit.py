@@ -8,7 +8,7 @@ from models import build_model
 from models.registry import DataShape
 from models.vit import ViTSpec
 from pipeline.cli import main
-from pipeline.tasks import make_task
+from pipeline.engine.tasks import make_task
 from tests.conftest import fit_losses, validate_error, write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10)

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from pipeline.train import train_experiment
+from pipeline.engine.train import train_experiment
 from pipeline.ui import ui_command
 from tests.conftest import free_port, serving, tiny_classification
-from tests.pipeline.test_tracking import spec
+from tests.pipeline.engine.test_tracking import spec
 
 pytestmark = pytest.mark.slow
 

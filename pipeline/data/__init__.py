@@ -1,0 +1,1 @@
+"""Data: sources turned into prepared, split and normalised datasets; synthetic generators."""

@@ -1,0 +1,1 @@
+"""The engine: training, evaluation, tasks, diagnostics, cost, quality and tracking of one run."""

@@ -1,0 +1,41 @@
+"""Test-set evaluation of a trained run: runs/NAME/eval.json, added to the run's MLflow run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline.data.prepare import Prepared
+from pipeline.io import atomic_write_json
+from pipeline.specs.experiment import ExperimentSpec
+from pipeline.engine.tasks import make_task
+from pipeline.engine.train import load_checkpoint_model
+
+
+def evaluate_run(spec: ExperimentSpec, data: Prepared, run_dir: str | Path, tracking_uri: str | None) -> dict:
+    run_dir = Path(run_dir)
+    model, state = load_checkpoint_model(spec, data, run_dir)
+    task = make_task(spec.task, data.meta)
+    device = next(model.parameters()).device
+    x, y = data.tensors["test_x"].to(device), data.tensors["test_y"].to(device)
+    result = {"name": spec.name, "status": state["status"], "main_metric": task.metric,
+              "test": task.test_metrics(model, x, y, data.meta)}
+    atomic_write_json(run_dir / "eval.json", result)
+    run_id = state.get("run_id")
+    if tracking_uri and run_id:
+        from pipeline.engine.tracking import Tracker
+        tracker = Tracker(tracking_uri, "", run_id=run_id)
+        scalars = {f"test/{k}": v for k, v in result["test"].items()
+                   if isinstance(v, (int, float)) and math.isfinite(v)}
+        tracker.log_metrics(scalars, step=state["epoch"])
+        tracker.log_artifact(run_dir / "eval.json")
+        if "fid" in result["test"] and data.meta.get("prepared_dir"):
+            from pipeline.engine.quality import cache_paths
+            for path in cache_paths(data.meta["prepared_dir"]):  # the yardstick the FID was measured with
+                tracker.log_artifact(path, "feature_classifier")
+        tracker.end("FAILED" if state["status"] == "diverged" else "FINISHED")
+    return result
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

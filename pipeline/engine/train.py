@@ -1,0 +1,458 @@
+"""The training engine: one loop for every family and task.
+
+Data lives on the device as tensors and is batched by index permutation. Per-step statistics are
+summed on the device and read once per epoch. A checkpoint (model, optimizers, schedules, RNG
+states, history, MLflow run id) is written at the end of an epoch, at most every
+`checkpoint_every_s` seconds, so a rerun resumes and ends with the numbers of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import build_model
+from pipeline.data.prepare import Prepared
+from pipeline.engine.diagnostics import make_monitor
+from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
+from pipeline.engine.tasks import Phase, Task, make_task
+from pipeline.engine.tracking import Tracker
+
+CHECKPOINT = "checkpoint.pt"
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+# ── building blocks ──────────────────────────────────────────────────────────
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        import os
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_optimizer(spec: OptimizerSpec, phase: Phase) -> torch.optim.Optimizer:
+    lr = phase.lr or spec.lr
+    betas = phase.betas or spec.betas
+    if spec.name == "sgd":
+        return torch.optim.SGD(phase.params, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0,
+                               weight_decay=spec.weight_decay)
+    if spec.name == "adam":
+        return torch.optim.Adam(phase.params, lr=lr, betas=betas, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(phase.params, lr=lr, betas=betas, weight_decay=spec.weight_decay)
+
+
+def lr_factor(spec: ScheduleSpec, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the peak rate at a given step: linear warmup, then constant, step or cosine decay."""
+    warmup = int(spec.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if spec.name == "constant":
+        return 1.0
+    if spec.name == "step":
+        return spec.gamma ** ((step - warmup) // (spec.step_epochs * steps_per_epoch))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def augment(x: torch.Tensor, noise_std: float, max_shift: int) -> torch.Tensor:
+    """Training-time augmentation on a float batch (B, ...): random roll per sample, then Gaussian noise."""
+    if max_shift > 0 and x.dim() >= 2:
+        spatial = list(range(1 if x.dim() == 2 else 2, x.dim()))  # (B, F)/(B, L): axis 1; (B, C, ...): the rest
+        shift = int(torch.randint(-max_shift, max_shift + 1, (1,)))
+        x = torch.roll(x, shifts=[shift] * len(spatial), dims=spatial)
+    if noise_std > 0:
+        x = x + noise_std * torch.randn_like(x)
+    return x
+
+
+def read_stats(stats: dict[str, torch.Tensor]) -> dict:
+    """One host sync for all of an epoch's summed statistics."""
+    return {k: v.tolist() for k, v in stats.items()}
+
+
+def accumulate(total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    for k, v in stats.items():
+        if k in total:
+            total[k] += v
+        else:
+            total[k] = v.clone()
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> dict:
+    """A task's metrics over a whole split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total: dict[str, torch.Tensor] = {}
+    for i in range(0, len(x), batch_size):
+        accumulate(total, task.eval_stats(model, x[i:i + batch_size], y[i:i + batch_size]))
+    model.train(was_training)
+    return task.summarize(read_stats(total))
+
+
+class Progress:
+    """A bar on a terminal; plain lines otherwise (DVC logs, CI)."""
+
+    def __init__(self, name: str, epochs: int, start: int):
+        self.name = name
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=epochs, initial=start, desc=name, unit="epoch", leave=True)
+
+    def update(self, epoch: int, row: dict) -> None:
+        shown = {k: f"{v:.4g}" for k, v in row.items() if k.startswith(("train/loss", "val/")) and isinstance(v, float)}
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"[{self.name}] epoch {epoch} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ── the run's state ──────────────────────────────────────────────────────────
+@dataclass
+class RunState:
+    """Everything a resumed run needs besides the modules themselves."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimisation steps completed
+    history: list[dict] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_weights: dict | None = None
+    bad_epochs: int = 0
+    train_time_s: float = 0.0
+    status: str = "running"
+    run_id: str | None = None
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# ── the engine ───────────────────────────────────────────────────────────────
+class Trainer:
+    def __init__(self, spec: ExperimentSpec, data: Prepared, run_dir: str | Path,
+                 open_tracker: Callable[[str | None], "Tracker"] | None = None,
+                 callbacks: list[EpochCallback] | None = None, progress: bool = True):
+        self.spec, self.data, self.run_dir = spec, data, Path(run_dir)
+        self.open_tracker = open_tracker  # called with the resumed run id (or None) once training starts
+        self.tracker: Tracker | None = None
+        self.callbacks = callbacks or []
+        self.show_progress = progress
+        self.device = pick_device(spec.train.device)
+        seed_everything(spec.train.seed, spec.train.deterministic)
+        self.task = make_task(spec.task, data.meta)
+        self.model = build_model(spec.model, data.shape).to(self.device)
+        self.phases = self.task.phases(self.model)
+        self.optimizers = [make_optimizer(spec.train.optimizer, p) for p in self.phases]
+        self.train_x, self.train_y = self._split("train")
+        if spec.data.train_subset:
+            self.train_x, self.train_y = self.train_x[:spec.data.train_subset], self.train_y[:spec.data.train_subset]
+        self.val_x, self.val_y = self._split("val")
+        self.batch_size = min(spec.train.batch_size, len(self.train_x))
+        self.steps_per_epoch = math.ceil(len(self.train_x) / self.batch_size)
+        budget = spec.train.epochs * self.steps_per_epoch
+        self.total_steps = min(budget, spec.train.max_steps) if spec.train.max_steps else budget
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(spec.train.schedule, s, self.steps_per_epoch, self.total_steps))
+            for opt in self.optimizers]
+        self.batch_gen = torch.Generator().manual_seed(spec.train.seed)
+        self.monitor = make_monitor(spec.diagnostics, self.model, self.train_x[:256], self.train_y[:256])
+        self.state = RunState()
+
+    def _split(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.data.tensors
+        return t[f"{part}_x"].to(self.device), t[f"{part}_y"].to(self.device)
+
+    # checkpointing ---------------------------------------------------------
+    def checkpoint(self) -> dict:
+        return {
+            "spec_hash": self.spec.spec_hash(),
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "batches": self.batch_gen.get_state(), "numpy": np.random.get_state()[1].tolist(),
+                    "python": repr(random.getstate())},
+            "state": self.state.__dict__,
+            "monitor": self.monitor.state_dict(),
+        }
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save(self.run_dir / CHECKPOINT, self.checkpoint())
+
+    def try_resume(self) -> bool:
+        """Load runs/NAME/checkpoint.pt if it belongs to this very spec; a changed spec starts afresh."""
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            return False
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        if ckpt.get("spec_hash") != self.spec.spec_hash():
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        for opt, s in zip(self.optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(s)
+        for sch, s in zip(self.schedulers, ckpt["schedulers"]):
+            sch.load_state_dict(s)
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.batch_gen.set_state(rng["batches"].cpu())
+        np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), 624, 0, 0.0))
+        self.state = RunState(**ckpt["state"])
+        self.monitor.load_state_dict(ckpt["monitor"])
+        return True
+
+    # one epoch ---------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        aug = self.spec.train.augment
+        clip = self.spec.train.grad_clip
+        total: dict[str, torch.Tensor] = {}
+        perm = torch.randperm(len(self.train_x), generator=self.batch_gen).to(self.device)
+        for i in range(0, len(perm), self.batch_size):
+            if self.state.step >= self.total_steps:
+                break
+            idx = perm[i:i + self.batch_size]
+            x, y = self.train_x[idx], self.train_y[idx]
+            if x.is_floating_point() and (aug.noise_std > 0 or aug.max_shift > 0):
+                x = augment(x, aug.noise_std, aug.max_shift)
+            for phase, opt in zip(self.phases, self.optimizers):
+                opt.zero_grad(set_to_none=True)
+                loss, stats = phase.loss(self.model, x, y)
+                loss.backward()
+                self.monitor.after_backward(phase.name)
+                if clip:
+                    nn.utils.clip_grad_norm_(phase.params, clip, foreach=True)
+                opt.step()
+                accumulate(total, {f"{phase.name}:{k}" if len(self.phases) > 1 else k: v for k, v in stats.items()})
+            self.monitor.after_step()
+            for sch in self.schedulers:
+                sch.step()
+            self.state.step += 1
+        return self._summarize_train(read_stats(total))
+
+    def _summarize_train(self, stats: dict) -> dict[str, float]:
+        if len(self.phases) == 1:
+            return self.task.summarize(stats)
+        # Several phases: each reports its own statistics, summarised by the task under the phase's name.
+        out: dict[str, float] = {}
+        for phase in self.phases:
+            prefix = f"{phase.name}:"
+            part = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
+            out.update(self.task.summarize(part))
+        return out
+
+    # the loop ----------------------------------------------------------------
+    def run(self) -> dict:
+        spec = self.spec
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.try_resume()
+        if resumed and self.state.status != "running":
+            return self.write_outputs()  # already finished: outputs are rewritten, nothing retrained
+        if self.open_tracker is not None:
+            self.tracker = self.open_tracker(self.state.run_id)
+            self.state.run_id = self.tracker.run_id
+        progress = Progress(spec.name, spec.train.epochs, self.state.epoch) if self.show_progress else None
+        es = spec.train.early_stopping
+        monitor_key = es.monitor if es else f"val/{self.task.metric}"
+        mode = es.mode if es else self.task.mode
+        last_save = time.monotonic()
+        try:
+            while self.state.epoch < spec.train.epochs and self.state.step < self.total_steps:
+                t0 = time.perf_counter()
+                train_metrics = self.train_epoch()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                epoch_time = time.perf_counter() - t0
+                self.state.train_time_s += epoch_time
+                val_metrics = evaluate_split(self.model, self.task, self.val_x, self.val_y)
+                self.state.epoch += 1
+                row = {"epoch": self.state.epoch, "step": self.state.step,
+                       **{f"train/{k}": v for k, v in train_metrics.items()},
+                       **{f"val/{k}": v for k, v in val_metrics.items()},
+                       "lr": self.schedulers[0].get_last_lr()[0], "epoch_time_s": epoch_time}
+                row.update(self.monitor.end_epoch(self.state.epoch))
+                # Tasks with per-epoch artifacts (sample grids, sampled text) write them here.
+                end_epoch = getattr(self.task, "end_epoch", None)
+                if end_epoch is not None:
+                    row.update(end_epoch(self.model, self.state.epoch, self.run_dir, self.data) or {})
+                self.state.history.append(row)
+                diverged = not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss"))
+                value = row.get(monitor_key, float("nan"))
+                if math.isfinite(value) and _improved(value, self.state.best_value, mode, es.min_delta if es else 0.0):
+                    self.state.best_value, self.state.best_epoch, self.state.bad_epochs = value, self.state.epoch, 0
+                    if es:
+                        self.state.best_weights = _cpu_state(self.model)
+                else:
+                    self.state.bad_epochs += 1
+                if self.tracker is not None:
+                    self.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "step")},
+                                             step=self.state.epoch)
+                    self.tracker.log_metrics(self.monitor.mlflow_metrics(), step=self.state.epoch)  # grad_norm/<layer>
+                done = diverged or self.state.epoch >= spec.train.epochs or self.state.step >= self.total_steps
+                if es and self.state.bad_epochs >= es.patience:
+                    done = True
+                if diverged:
+                    self.state.status = "diverged"
+                elif done:
+                    self.state.status = "early_stopped" if es and self.state.bad_epochs >= es.patience else "finished"
+                if progress:
+                    progress.update(self.state.epoch, row)
+                if done or time.monotonic() - last_save >= spec.train.checkpoint_every_s:
+                    if self.tracker is not None:
+                        self.tracker.flush()
+                    self.save_checkpoint()
+                    last_save = time.monotonic()
+                for callback in self.callbacks:
+                    callback(self.state.epoch, row)
+                if done:
+                    break
+        finally:
+            if progress:
+                progress.close()
+        return self.write_outputs()
+
+    # outputs -------------------------------------------------------------------
+    def final_model(self) -> nn.Module:
+        """The weights to evaluate: the best epoch's under early stopping, else the last."""
+        if self.state.best_weights is not None and self.state.status != "diverged":
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(self.state.best_weights)
+            return model
+        return self.model
+
+    def metrics(self) -> dict:
+        history = self.state.history
+        last = history[-1] if history else {}
+        best = history[self.state.best_epoch - 1] if self.state.best_epoch else last
+        n_train = len(self.train_x)
+        return {
+            "name": self.spec.name,
+            "status": self.state.status,
+            "task": self.spec.task,
+            "kind": self.spec.model.kind,
+            "dataset": self.spec.data.dataset,
+            "main_metric": self.task.metric,
+            "epochs": self.state.epoch,
+            "steps": self.state.step,
+            "best_epoch": self.state.best_epoch,
+            "final": {k: v for k, v in last.items() if k.startswith(("train/", "val/"))},
+            "best": {k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
+            "train_time_s": round(self.state.train_time_s, 3),
+            "train_samples_per_s": round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
+            "spec_hash": self.spec.spec_hash(),
+            "mlflow_run_id": self.state.run_id,
+        }
+
+    def write_outputs(self) -> dict:
+        metrics = self.metrics()
+        atomic_write_text(self.run_dir / "history.csv", history_csv(self.state.history))
+        atomic_write_json(self.run_dir / "metrics.json", metrics)
+        diagnostics = self.monitor.summary(self.state.history, self.spec.diagnostics, metrics)  # reads status, metric
+        atomic_write_json(self.run_dir / "diagnostics.json", diagnostics)
+        return metrics
+
+
+def history_csv(history: list[dict]) -> str:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns or ["epoch"], lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+# ── one experiment, end to end (what `archlab train` calls) ──────────────────
+def mlflow_experiment_name(spec: ExperimentSpec) -> str:
+    return f"{spec.data.dataset}/{spec.task}"
+
+
+def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared, run_dir: str | Path,
+                     tracking_uri: str | None, callbacks: list[EpochCallback] | None = None,
+                     progress: bool = True, parent_run_id: str | None = None,
+                     extra_tags: dict[str, str] | None = None, experiment: str | None = None) -> dict:
+    """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given.
+
+    `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
+    """
+    from pipeline.engine.cost import measure_cost
+    from pipeline.engine.tracking import flatten, git_commit
+
+    run_dir = Path(run_dir)
+
+    def open_tracker(run_id: str | None) -> Tracker:
+        tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id, run_name=spec.name,
+                          parent_run_id=parent_run_id)
+        tracker.log_params(flatten(spec.model_dump(mode="json")))
+        tracker.set_tags({"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
+                          "spec_hash": spec.spec_hash(), "git_commit": git_commit(),
+                          "data_hash": data.meta.get("content_hash", ""), **(extra_tags or {})})
+        return tracker
+
+    trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
+    metrics = trainer.run()
+    cost = measure_cost(trainer, metrics)
+    atomic_write_json(run_dir / "cost.json", cost)
+    if trainer.tracker is not None:
+        tracker = trainer.tracker
+        tracker.set_tags({"status": metrics["status"], **trainer.monitor.tags()})
+        tracker.log_metrics({f"cost/{k}": v for k, v in cost.items()}, step=metrics["epochs"])
+        for name in ("history.csv", "metrics.json", "diagnostics.json", "cost.json", CHECKPOINT):
+            if (run_dir / name).is_file():
+                tracker.log_artifact(run_dir / name)
+        tracker.log_artifact(spec_path)
+        tracker.end("FAILED" if metrics["status"] == "diverged" else "FINISHED")
+    return metrics
+
+
+def load_checkpoint_model(spec: ExperimentSpec, data: Prepared, run_dir: str | Path,
+                          device: torch.device | None = None) -> tuple[nn.Module, dict]:
+    """The trained model of a run (best weights under early stopping) and its saved state."""
+    device = device or pick_device(spec.train.device)
+    ckpt = torch.load(Path(run_dir) / CHECKPOINT, map_location=device, weights_only=True)
+    model = build_model(spec.model, data.shape).to(device)
+    state = ckpt["state"]
+    weights = state["best_weights"] if state.get("best_weights") and state["status"] != "diverged" else ckpt["model"]
+    model.load_state_dict(weights)
+    model.eval()
+    return model, state

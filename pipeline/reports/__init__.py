@@ -1,0 +1,1 @@
+"""Reports: the comparison of finished runs, its figures and its documents."""

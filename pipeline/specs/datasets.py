@@ -1,0 +1,109 @@
+"""Dataset specs: the sources a dataset can come from, as declared under `datasets:` in params.yaml."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from models.base import StrictModel
+
+
+# ── dataset specs (declared under `datasets:` in params.yaml) ────────────────
+class SplitSpec(StrictModel):
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share of the training data held out "
+                                "for validation.")
+    test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share held out for testing, when the "
+                                 "source has no test split of its own.")
+    seed: int = Field(default=0, ge=0, description="Seed of the split.")
+
+
+class DigitsSource(StrictModel):
+    source: Literal["digits"] = Field(description="scikit-learn's 8x8 handwritten digits, 10 classes.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+
+class Mnist1dSource(StrictModel):
+    source: Literal["mnist1d"] = Field(description="MNIST-1D signals (length 40, 10 classes) from the mnist1d "
+                                       "package's generator with its default arguments; its test split is kept.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+
+class DiabetesSource(StrictModel):
+    source: Literal["diabetes"] = Field(description="scikit-learn's diabetes regression table (10 features).")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+
+class NpzSource(StrictModel):
+    source: Literal["npz"] = Field(description="A .npz file with arrays x, y and optionally x_test, y_test.")
+    path: Path = Field(description="Path of the .npz file.")
+    target: Literal["auto", "class", "value"] = Field(default="auto", description="Whether y holds class labels or "
+                                                      "values; auto: integers are classes.")
+    num_classes: PositiveInt | None = Field(default=None, description="Number of classes; labels must lie in "
+                                            "[0, num_classes). Default: largest label + 1.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+
+class TableSource(StrictModel):
+    source: Literal["table"] = Field(description="A CSV or Parquet table read with pandas.")
+    path: Path = Field(description="Path of the .csv or .parquet file.")
+    target_column: str = Field(description="Name of the column to predict; every other column is a feature.")
+    target: Literal["auto", "class", "value"] = Field(default="auto", description="Whether the target holds class "
+                                                      "labels or values; auto: text and integers are classes.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+
+class IdxSource(StrictModel):
+    source: Literal["idx"] = Field(description="MNIST-format IDX files in a folder (train-images-idx3-ubyte, "
+                                   "train-labels-idx1-ubyte, t10k-...; optionally .gz), e.g. MNIST or Fashion-MNIST.")
+    path: Path = Field(description="Folder holding the four IDX files.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+
+class SequenceSource(StrictModel):
+    source: Literal["sequence"] = Field(description="Synthetic seq2seq pairs generated offline (pipeline/synthetic.py"
+                                        "): reverse, sort or copy a random symbol string, or add two numbers.")
+    task: Literal["reverse", "sort", "copy", "add"] = Field(default="reverse", description="reverse, sort or copy "
+                                                            "the source string; add: 'a+b' → the digits of the sum.")
+    symbols: int = Field(default=10, ge=2, le=1000, description="reverse/sort/copy: distinct symbols; add: the number "
+                         "base (2 to 10). Token ids 0-2 are PAD, BOS, EOS; symbols follow.")
+    min_len: PositiveInt = Field(default=1, description="Shortest source string (add: fewest digits per operand).")
+    max_len: PositiveInt = Field(default=10, description="Longest source string (add: most digits per operand).")
+    samples: int = Field(default=10000, ge=10, description="Pairs generated in all, before the split.")
+    seed: int = Field(default=0, ge=0, description="Seed of the generator.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+    @model_validator(mode="after")
+    def _lengths_and_base(self) -> "SequenceSource":
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len {self.min_len} is larger than max_len {self.max_len}")
+        if self.task == "add" and self.symbols > 10:
+            raise ValueError(f"add works in a base of 2 to 10 (symbols), got {self.symbols}")
+        return self
+
+
+class CorpusSource(StrictModel):
+    source: Literal["corpus"] = Field(description="Character-level text for language modelling, cut into chunks of "
+                                      "`context` characters. Default: generated offline from the project's small "
+                                      "probabilistic grammar, whose exact entropy goes into meta.json.")
+    path: Path | None = Field(default=None, description="A UTF-8 text file to use instead of the generated corpus.")
+    characters: int = Field(default=300_000, ge=1000, description="Length of the generated corpus (ignored with "
+                            "path).")
+    context: int = Field(default=64, ge=2, description="Characters per training example; the model predicts each "
+                         "from the ones before it in the same chunk.")
+    seed: int = Field(default=0, ge=0, description="Seed of the generator.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split: the test set is the "
+                             "text's tail, validation chunks are drawn from the rest.")
+
+
+DATASET_SOURCES: list[type[StrictModel]] = [DigitsSource, Mnist1dSource, DiabetesSource, NpzSource, TableSource,
+                                            IdxSource, SequenceSource, CorpusSource]
+DatasetSpec = Annotated[DigitsSource | Mnist1dSource | DiabetesSource | NpzSource | TableSource | IdxSource
+                        | SequenceSource | CorpusSource, Field(discriminator="source")]
+
+# Built-in datasets usable by name without a declaration in params.yaml.
+BUILTIN_DATASETS: dict[str, StrictModel] = {
+    "digits": DigitsSource(source="digits"),
+    "mnist1d": Mnist1dSource(source="mnist1d"),
+    "diabetes": DiabetesSource(source="diabetes"),
+}

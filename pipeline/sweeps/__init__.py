@@ -1,0 +1,1 @@
+"""Sweeps: Optuna studies across architectures, their trials and their report."""

@@ -1,0 +1,141 @@
+"""Datasets: built-ins offline, user files of every format, seeded stratified splits, and clear errors."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.specs.datasets import BUILTIN_DATASETS
+from pipeline.data.prepare import build_arrays, load_prepared, prepare
+from tests.conftest import files_under
+
+
+def test_digits_is_prepared_as_images_with_a_stratified_split(tmp_path):
+    meta = prepare("digits", BUILTIN_DATASETS["digits"], tmp_path / "digits")
+    assert meta["input_shape"] == [1, 8, 8] and meta["num_classes"] == 10
+    assert sum(meta["sizes"].values()) == 1797
+    data = load_prepared(tmp_path / "digits")
+    counts = np.bincount(data.tensors["val_y"].numpy(), minlength=10)
+    assert counts.min() >= 0.8 * counts.max()  # stratified: every class about equally present
+    train_x = data.tensors["train_x"].numpy()
+    assert abs(train_x.mean()) < 1e-4 and abs(train_x.std() - 1) < 1e-3  # statistics from the training split only
+    assert len(meta["content_hash"]) == 16
+
+
+def test_mnist1d_keeps_its_own_test_split():
+    arrays, meta = build_arrays("mnist1d", BUILTIN_DATASETS["mnist1d"])
+    assert meta["sizes"]["test"] == 1000 and meta["sizes"]["train"] + meta["sizes"]["val"] == 4000
+    assert meta["input_shape"] == [40]
+
+
+def test_the_split_is_seeded_and_repeatable():
+    a, meta_a = build_arrays("digits", BUILTIN_DATASETS["digits"])
+    b, meta_b = build_arrays("digits", BUILTIN_DATASETS["digits"])
+    assert meta_a["content_hash"] == meta_b["content_hash"]
+    assert np.array_equal(a["val_y"], b["val_y"])
+
+
+def test_diabetes_standardises_targets_and_remembers_the_scale():
+    arrays, meta = build_arrays("diabetes", BUILTIN_DATASETS["diabetes"])
+    assert meta["target"] == "value" and meta["output_size"] == 1
+    assert abs(arrays["train_y"].mean()) < 1e-4
+    assert 100 < meta["normalisation"]["y_mean"][0] < 200
+
+
+def declare(project, name, entry):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["datasets"][name] = entry
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def prepare_cli(project, name, capsys):
+    before = files_under(project)
+    code = main(["prepare", name])
+    captured = capsys.readouterr()
+    return code, captured.err, before
+
+
+def test_user_npz_with_its_own_test_split(project, capsys):
+    g = np.random.default_rng(0)
+    np.savez(project / "mine.npz", x=g.normal(size=(60, 2, 10)).astype(np.float32), y=g.integers(0, 3, 60),
+             x_test=g.normal(size=(20, 2, 10)).astype(np.float32), y_test=g.integers(0, 3, 20))
+    declare(project, "mine", {"source": "npz", "path": "mine.npz"})
+    code, err, _ = prepare_cli(project, "mine", capsys)
+    assert code == 0, err
+    meta = json.loads((project / "data/prepared/mine/meta.json").read_text())
+    assert meta["input_shape"] == [2, 10] and meta["sizes"]["test"] == 20 and meta["num_classes"] == 3
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_user_table_with_text_labels(project, capsys, suffix):
+    g = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": g.normal(size=50), "b": g.normal(size=50), "kind": g.choice(["cat", "dog"], 50)})
+    path = project / f"table{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    declare(project, "tab", {"source": "table", "path": path.name, "target_column": "kind"})
+    code, err, _ = prepare_cli(project, "tab", capsys)
+    assert code == 0, err
+    meta = json.loads((project / "data/prepared/tab/meta.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["input_shape"] == [2]
+
+
+def write_idx(path, array):
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_user_idx_folder_like_mnist(project, capsys):
+    g = np.random.default_rng(0)
+    folder = project / "fashion"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte.gz", g.integers(0, 255, (40, 6, 6)))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", g.integers(0, 10, 40))
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", g.integers(0, 255, (12, 6, 6)))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", g.integers(0, 10, 12))
+    declare(project, "fashion", {"source": "idx", "path": "fashion"})
+    code, err, _ = prepare_cli(project, "fashion", capsys)
+    assert code == 0, err
+    meta = json.loads((project / "data/prepared/fashion/meta.json").read_text())
+    assert meta["input_shape"] == [1, 6, 6] and meta["sizes"]["test"] == 12
+
+
+def _npz(project, **arrays):
+    np.savez(project / "bad.npz", **arrays)
+    declare(project, "bad", {"source": "npz", "path": "bad.npz"})
+
+
+BAD_DATA = {
+    # case: (make the data, words in the message)
+    "missing_file": (lambda p: declare(p, "bad", {"source": "npz", "path": "absent.npz"}), "absent.npz: path: data file not found"),
+    "wrong_shape": (lambda p: _npz(p, x=np.zeros((20, 1, 1, 2, 2), np.float32), y=np.zeros(20, int)), "x must have shape"),
+    "nan_values": (lambda p: _npz(p, x=np.full((20, 3), np.nan, np.float32), y=np.zeros(20, int)), "NaN or Inf"),
+    "negative_label": (lambda p: _npz(p, x=np.zeros((20, 3), np.float32), y=-np.ones(20, int)), "y: class labels must be >= 0"),
+    "label_out_of_range": (lambda p: (np.savez(p / "bad.npz", x=np.zeros((20, 3), np.float32), y=np.full(20, 7)),
+                                      declare(p, "bad", {"source": "npz", "path": "bad.npz", "num_classes": 5})),
+                           "label 7 is out of range for num_classes=5"),
+    "length_mismatch": (lambda p: _npz(p, x=np.zeros((20, 3), np.float32), y=np.zeros(19, int)), "labels have 19"),
+    "missing_array": (lambda p: _npz(p, inputs=np.zeros((20, 3), np.float32)), "missing array 'x'"),
+    "no_target_column": (lambda p: (pd.DataFrame({"a": [1.0] * 20}).to_csv(p / "t.csv", index=False),
+                                    declare(p, "bad", {"source": "table", "path": "t.csv", "target_column": "label"})),
+                         "t.csv: target_column: no column 'label'"),
+    "unknown_source_field": (lambda p: declare(p, "bad", {"source": "npz", "path": "x.npz", "pth": 1}),
+                             "params.yaml: datasets.bad.pth: Extra inputs are not permitted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_exits_2_with_a_clear_message_and_writes_nothing(case, project, capsys):
+    make, words = BAD_DATA[case]
+    make(project)
+    code, err, before = prepare_cli(project, "bad", capsys)
+    assert code == 2
+    assert words in err, err
+    assert "Traceback" not in err
+    assert not (project / "data").exists()

@@ -1,0 +1,134 @@
+"""The engine: resume equals an uninterrupted run, divergence is a result, budgets and schedules hold."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.specs.experiment import ExperimentSpec, ScheduleSpec
+from pipeline.engine.train import CHECKPOINT, Trainer, lr_factor
+from tests.conftest import tiny_classification
+
+
+def make_spec(**train) -> ExperimentSpec:
+    raw = {"name": "t", "data": {"dataset": "tiny"}, "task": "classify",
+           "model": {"kind": "mlp", "hidden": [32, 32], "dropout": 0.2, "batch_norm": True},
+           "train": {"epochs": 6, "batch_size": 16, "seed": 3, "checkpoint_every_s": 0,
+                     "optimizer": {"name": "adamw", "lr": 0.01}, "schedule": {"name": "cosine", "warmup_epochs": 1},
+                     "augment": {"noise_std": 0.1}, **train}}
+    return ExperimentSpec.model_validate(raw)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(epoch_to_stop: int):
+    def callback(epoch, row):
+        if epoch == epoch_to_stop:
+            raise Interrupt
+    return callback
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_numbers(tmp_path):
+    data = tiny_classification()
+    spec = make_spec()
+    straight = Trainer(spec, data, tmp_path / "straight", progress=False).run()
+
+    with pytest.raises(Interrupt):
+        Trainer(spec, data, tmp_path / "resumed", callbacks=[interrupt_after(3)], progress=False).run()
+    assert (tmp_path / "resumed" / CHECKPOINT).is_file()
+    resumed_trainer = Trainer(spec, data, tmp_path / "resumed", progress=False)
+    resumed = resumed_trainer.run()
+
+    assert resumed["epochs"] == straight["epochs"] == 6
+    assert resumed["final"] == straight["final"]  # bit-for-bit: same RNG streams, same batches
+    straight_model = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["model"]
+    for key, value in resumed_trainer.model.state_dict().items():
+        assert torch.equal(value, straight_model[key]), key
+
+
+def test_a_finished_run_is_not_retrained(tmp_path):
+    data = tiny_classification()
+    first = Trainer(make_spec(epochs=2), data, tmp_path, progress=False).run()
+    again = Trainer(make_spec(epochs=2), data, tmp_path, progress=False).run()
+    assert again == first
+
+
+def test_a_changed_spec_starts_afresh(tmp_path):
+    data = tiny_classification()
+    Trainer(make_spec(epochs=2), data, tmp_path, progress=False).run()
+    changed = Trainer(make_spec(epochs=3, seed=4), data, tmp_path, progress=False).run()
+    assert changed["epochs"] == 3 and len(changed["final"]) > 0
+
+
+def test_training_learns_the_tiny_problem(tmp_path):
+    metrics = Trainer(make_spec(epochs=8), tiny_classification(), tmp_path, progress=False).run()
+    assert metrics["status"] == "finished"
+    assert metrics["final"]["val/accuracy"] > 0.9
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,step,train/loss,train/accuracy,val/loss,val/accuracy,lr")
+    assert len(history) == 1 + 8
+
+
+def test_nan_loss_ends_as_diverged_not_a_crash(tmp_path):
+    spec = make_spec(optimizer={"name": "sgd", "lr": 1e6, "momentum": 0.9}, epochs=5)
+    spec.model.batch_norm = False
+    spec.model.dropout = 0.0
+    metrics = Trainer(spec, tiny_classification(), tmp_path, progress=False).run()
+    assert metrics["status"] == "diverged"
+    assert metrics["epochs"] < 5
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "history.csv").is_file()
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    spec = make_spec(epochs=40, early_stopping={"monitor": "val/loss", "mode": "min", "patience": 2, "min_delta": 0.5})
+    metrics = Trainer(spec, tiny_classification(), tmp_path, progress=False).run()
+    assert metrics["status"] == "early_stopped"
+    assert metrics["epochs"] == metrics["best_epoch"] + 2
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert ckpt["state"]["best_weights"] is not None
+
+
+def test_step_budget_stops_mid_epoch(tmp_path):
+    metrics = Trainer(make_spec(epochs=10, max_steps=9), tiny_classification(), tmp_path, progress=False).run()
+    assert metrics["steps"] == 9
+    assert metrics["epochs"] == 2  # 96 samples / 16 = 6 steps per epoch
+
+
+@pytest.mark.parametrize("name", ["constant", "step", "cosine"])
+def test_schedules_warm_up_linearly_then_follow_their_shape(name):
+    spec = ScheduleSpec(name=name, warmup_epochs=2, step_epochs=3, gamma=0.5, min_lr_ratio=0.1)
+    steps_per_epoch, total = 10, 100
+    factors = [lr_factor(spec, s, steps_per_epoch, total) for s in range(total)]
+    assert factors[0] == pytest.approx(1 / 20) and factors[19] == pytest.approx(1.0)
+    if name == "constant":
+        assert factors[-1] == 1.0
+    elif name == "step":
+        assert factors[20 + 30] == pytest.approx(0.5) and factors[20 + 60] == pytest.approx(0.25)
+    else:
+        assert factors[-1] == pytest.approx(0.1, abs=0.01) and all(a >= b for a, b in zip(factors[20:], factors[21:]))
+
+
+def test_checkpoints_are_rate_limited(tmp_path):
+    """With a long interval only the last epoch writes a checkpoint: fast epochs do not pay for it."""
+    writes = []
+    spec = make_spec(epochs=4, checkpoint_every_s=3600)
+    trainer = Trainer(spec, tiny_classification(), tmp_path, progress=False)
+    original = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda: (writes.append(trainer.state.epoch), original())[1]
+    trainer.run()
+    assert writes == [4]
+
+
+def test_regression_reports_r2(tmp_path):
+    data = tiny_classification()
+    for part in ("train", "val", "test"):
+        x = data.tensors[f"{part}_x"]
+        data.tensors[f"{part}_y"] = (x[:, :2] * torch.tensor([1.0, -2.0])).sum(1, keepdim=True)
+    data.meta.update(target="value", output_size=1, num_classes=None)
+    spec = make_spec(epochs=15)
+    spec.task = "regress"
+    metrics = Trainer(spec, data, tmp_path, progress=False).run()
+    assert math.isfinite(metrics["final"]["val/r2"]) and metrics["final"]["val/r2"] > 0.5

@@ -1,0 +1,360 @@
+"""Sweeps: real Optuna studies on tiny data in a temporary project — conditional spaces, pruning, failures,
+killed workers, parallel workers, Pareto fronts, exported specs, MLflow nesting and bad sweep specs."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pipeline.cli import main
+from pipeline.data.prepare import write_prepared
+from pipeline.specs.experiment import load_spec
+from pipeline.sweeps.study import default_storage_url, open_storage, open_study, run_sweep, trials_used
+from pipeline.specs.sweep import Sweep, load_sweep, parse_path
+from pipeline.engine.train import train_experiment
+from tests.conftest import REPO, free_port, serving, tiny_classification
+
+MLP = {"name": "tiny_mlp", "data": {"dataset": "tiny"}, "task": "classify",
+       "model": {"kind": "mlp", "hidden": [16]},
+       "train": {"epochs": 3, "batch_size": 32, "seed": 1, "optimizer": {"name": "adamw", "lr": 0.01}}}
+CNN = {"name": "tiny_cnn", "data": {"dataset": "tiny"}, "task": "classify",
+       "model": {"kind": "cnn", "layers": [{"type": "conv", "channels": 4, "kernel": 3}, {"type": "pool", "kernel": 2}],
+                 "head": [8]},
+       "train": {"epochs": 3, "batch_size": 32, "seed": 1, "optimizer": {"name": "adamw", "lr": 0.01}}}
+
+
+def sweep_dict(name="tiny_sweep", **overrides) -> dict:
+    raw = {"name": name,
+           "candidates": {
+               "mlp": {"spec": "tiny_mlp", "space": {
+                   "model.hidden": {"type": "categorical", "choices": [[8], [16, 16]]},
+                   "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}},
+               "cnn": {"spec": "tiny_cnn", "space": {
+                   "model.layers[0].channels": {"type": "int", "low": 2, "high": 6, "step": 2},
+                   "model.head_dropout": {"type": "float", "low": 0.0, "high": 0.3}}}},
+           "objective": {"metric": "val/accuracy", "direction": "maximize"},
+           "sampler": {"name": "random"}, "pruner": {"name": "none"}, "seed": 0,
+           "budget": {"trials": 4, "epochs": 2}}
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch) -> Path:
+    """A project folder: tiny prepared data, two candidate specs, the repo's params.yaml; the working directory."""
+    data = tiny_classification(n=96, features=8)
+    arrays = {k: v.numpy() for k, v in data.tensors.items()}
+    write_prepared(arrays, data.meta, tmp_path / "data" / "prepared" / "tiny")
+    (tmp_path / "specs" / "sweeps").mkdir(parents=True)
+    (tmp_path / "specs" / "schema.json").write_text((REPO / "specs" / "schema.json").read_text())
+    for spec in (MLP, CNN):
+        (tmp_path / "specs" / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def write_sweep(lab: Path, raw: dict) -> Path:
+    path = lab / "specs" / "sweeps" / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run(lab: Path, raw: dict, workers: int = 1, tracking: bool = False, before=None) -> tuple[Sweep, optuna.Study]:
+    """Run a sweep through the Python API; `before(study)` may enqueue trials first."""
+    sweep = load_sweep(write_sweep(lab, raw), lab / "specs")
+    url = default_storage_url(lab / "sweeps", sweep.name)
+    if before is not None:
+        before(open_study(sweep, url, 0))
+    run_sweep(sweep, lab / "data/prepared/tiny", lab / "runs/sweeps" / sweep.name, lab / "reports/sweeps" / sweep.name,
+              url, workers=workers, tracking_uri=f"sqlite:///{lab / 'mlflow.db'}" if tracking else None,
+              specs_dir=lab / "specs")
+    return sweep, open_study(sweep, url, 0)
+
+
+def test_each_trial_samples_only_its_own_candidates_space(lab):
+    sweep, study = run(lab, sweep_dict(budget={"trials": 8, "epochs": 1}))
+    trials = study.get_trials()
+    assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.params["candidate"] for t in trials} == {"mlp", "cnn"}
+    for t in trials:
+        own = t.params["candidate"]
+        assert {k for k in t.params if k != "candidate"} == {f"{own}/{p}" for p in sweep.spec.candidates[own].space}
+        # The values really went into the trial's spec, at their paths.
+        spec = load_spec(Path(t.user_attrs["run_dir"]) / "spec.yaml")
+        assert spec.model.kind == own and spec.train.epochs == 1
+        if own == "mlp":
+            assert spec.model.hidden == json.loads(t.params["mlp/model.hidden"])
+            assert spec.train.optimizer.lr == t.params["mlp/train.optimizer.lr"]
+        else:
+            assert spec.model.layers[0].channels == t.params["cnn/model.layers[0].channels"]
+            assert spec.model.head_dropout == t.params["cnn/model.head_dropout"]
+
+
+def test_a_bad_trial_is_pruned_by_the_median_of_its_candidate(lab):
+    raw = sweep_dict(candidates={"mlp": {"spec": "tiny_mlp", "space": {
+        "train.optimizer.lr": {"type": "float", "low": 1e-7, "high": 3e-2, "log": True}}}},
+        pruner={"name": "median", "startup_trials": 2, "warmup_epochs": 0}, budget={"trials": 3, "epochs": 6})
+
+    def queue(study):
+        for lr in (3e-2, 2e-2, 1e-7):  # two good runs set the median; a frozen one falls below it at once
+            study.enqueue_trial({"candidate": "mlp", "mlp/train.optimizer.lr": lr})
+
+    _, study = run(lab, raw, before=queue)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    pruned = study.trials[2]
+    assert 1 <= max(pruned.intermediate_values) < 6  # stopped before its epoch budget
+    assert len(study.trials[0].intermediate_values) == 6  # every epoch was reported
+
+
+def test_an_invalid_combination_fails_its_trial_and_the_study_goes_on(lab):
+    raw = sweep_dict(candidates={"cnn": {"spec": "tiny_cnn", "space": {
+        "model.layers[1].kernel": {"type": "categorical", "choices": [2, 64]},  # a 64-wide pool on 8 samples
+        "model.head_dropout": {"type": "categorical", "choices": [0.1, 1.5]}}}},  # dropout must be < 1
+        budget={"trials": 3, "epochs": 1})
+
+    def queue(study):
+        study.enqueue_trial({"candidate": "cnn", "cnn/model.layers[1].kernel": 64, "cnn/model.head_dropout": 0.1})
+        study.enqueue_trial({"candidate": "cnn", "cnn/model.layers[1].kernel": 2, "cnn/model.head_dropout": 1.5})
+        study.enqueue_trial({"candidate": "cnn", "cnn/model.layers[1].kernel": 2, "cnn/model.head_dropout": 0.1})
+
+    _, study = run(lab, raw, before=queue)
+    impossible, invalid, fine = study.get_trials()
+    assert impossible.state == invalid.state == TrialState.FAIL and fine.state == TrialState.COMPLETE
+    assert "impossible architecture" in impossible.user_attrs["fail_reason"]
+    assert "model.head_dropout" in invalid.user_attrs["fail_reason"]
+    table = pd.read_csv(lab / "reports/sweeps/tiny_sweep/trials.csv")
+    assert table["fail_reason"].notna().sum() == 2
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again(lab):
+    raw = sweep_dict(budget={"trials": 2, "epochs": 1})
+
+    def orphan(study):
+        study.enqueue_trial({"candidate": "mlp", "mlp/model.hidden": "[8]", "mlp/train.optimizer.lr": 0.01})
+        trial = study.ask()  # as a worker would, then it dies before telling
+        trial.suggest_categorical("candidate", ["mlp", "cnn"])
+        trial.suggest_categorical("mlp/model.hidden", ["[8]", "[16, 16]"])
+        trial.suggest_float("mlp/train.optimizer.lr", 1e-3, 3e-2, log=True)
+        trial.set_user_attr("worker_host", socket.gethostname())
+        trial.set_user_attr("worker_pid", _dead_pid())
+
+    _, study = run(lab, raw, before=orphan)
+    trials = study.get_trials()
+    dead, *rest = trials
+    assert dead.state == TrialState.FAIL and dead.user_attrs["interrupted"]
+    retry = next(t for t in rest if t.user_attrs.get("retry_of") == 0)
+    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert retry.user_attrs["run_dir"].endswith("trial-0000")  # resumes the original's folder
+    assert trials_used(study) == 2 and len(trials) == 3  # the interrupted one does not eat the budget
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+@pytest.mark.slow
+def test_killing_a_real_worker_then_rerunning_finishes_the_study(lab):
+    slow = {**MLP, "name": "slow_mlp", "train": {**MLP["train"], "epochs": 300, "checkpoint_every_s": 0}}
+    (lab / "specs" / "slow_mlp.yaml").write_text(yaml.safe_dump(slow))
+    raw = sweep_dict(candidates={"mlp": {"spec": "slow_mlp", "space": {
+        "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}}},
+        budget={"trials": 2})
+    path = write_sweep(lab, raw)
+    cmd = [sys.executable, "-m", "pipeline.cli", "sweep", str(path), "--no-track"]
+    proc = subprocess.Popen(cmd, cwd=lab, env={**os.environ, "PYTHONPATH": str(REPO)})
+    checkpoint = lab / "runs/sweeps/tiny_sweep/trial-0000/checkpoint.pt"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not checkpoint.is_file():
+            time.sleep(0.2)
+        assert checkpoint.is_file(), "the worker never reached its first checkpoint"
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, the trial stays RUNNING in the storage
+        proc.wait()
+    storage = open_storage(default_storage_url(lab / "sweeps", "tiny_sweep"))
+    name = optuna.get_all_study_names(storage)[0]
+    assert optuna.load_study(study_name=name, storage=storage).trials[0].state == TrialState.RUNNING
+
+    assert main(["sweep", str(path), "--no-track"]) == 0
+    study = optuna.load_study(study_name=name, storage=open_storage(default_storage_url(lab / "sweeps", "tiny_sweep")))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["interrupted"]
+    assert study.trials[1].user_attrs["retry_of"] == 0 and study.trials[1].params == study.trials[0].params
+    assert json.loads((checkpoint.parent / "metrics.json").read_text())["epochs"] == 300
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(lab):
+    raw = sweep_dict(budget={"trials": 5, "epochs": 3})
+    _, study = run(lab, raw, workers=2, tracking=True)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(5))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # both workers took trials (each one's first trial waits seconds for MLflow's imports, so neither runs dry)
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 5
+    # one nested MLflow run per trial, none twice
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{lab / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweeps/tiny_sweep")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`sweep.trial` != ''")
+    assert sorted(int(r.data.tags["sweep.trial"]) for r in children) == list(range(5))
+
+
+@pytest.mark.slow
+def test_the_study_opens_in_optuna_dashboard_with_the_command_the_report_gives(lab):
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the dev extra")
+    sweep, study = run(lab, sweep_dict())
+    command = (lab / "reports/sweeps/tiny_sweep/README.md").read_text().split("Open it in the dashboard: `")[1]
+    program, storage = command.split("`")[0].split()
+    assert program == "optuna-dashboard" and storage == default_storage_url(lab / "sweeps", sweep.name)
+    port = free_port()
+    with serving([str(Path(sys.executable).parent / program), storage, "--host", "127.0.0.1", "--port", str(port)],
+                 cwd=lab) as ask:
+        (summary,) = ask(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        shown = ask(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}?after=0")
+    assert summary["study_name"] == study.study_name
+    assert sorted(t["number"] for t in shown["trials"]) == [t.number for t in study.trials]
+
+
+@pytest.mark.slow
+def test_mlflow_holds_a_parent_run_and_one_child_per_trial_with_its_state(lab):
+    raw = sweep_dict(candidates={"mlp": {"spec": "tiny_mlp", "space": {
+        "train.optimizer.lr": {"type": "float", "low": 1e-7, "high": 3e-2, "log": True},
+        "model.dropout": {"type": "categorical", "choices": [0.0, 1.5]}}}},
+        pruner={"name": "median", "startup_trials": 2, "warmup_epochs": 0}, budget={"trials": 4, "epochs": 5})
+
+    def queue(study):
+        for lr, dropout in ((3e-2, 0.0), (2e-2, 0.0), (1e-7, 0.0), (1e-2, 1.5)):
+            study.enqueue_trial({"candidate": "mlp", "mlp/train.optimizer.lr": lr, "mlp/model.dropout": dropout})
+
+    _, study = run(lab, raw, tracking=True, before=queue)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{lab / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweeps/tiny_sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
+    children = {int(r.data.tags["sweep.trial"]): r for r in runs if "sweep.trial" in r.data.tags}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    assert [children[i].data.tags["state"] for i in range(4)] == ["complete", "complete", "pruned", "failed"]
+    assert all(r.data.tags["candidate_kind"] == "mlp" for r in children.values())
+    assert children[3].info.status == "FAILED" and "dropout" in children[3].data.tags["fail_reason"]
+    assert children[3].data.params["model.dropout"] == "1.5"
+    # per-epoch metrics: all epochs of a complete trial, and every epoch a pruned one ran (none lost in buffers)
+    assert len(client.get_metric_history(children[0].info.run_id, "val/accuracy")) == 5
+    pruned_epochs = max(study.trials[2].intermediate_values)
+    assert len(client.get_metric_history(children[2].info.run_id, "val/accuracy")) == pruned_epochs
+    assert children[2].info.status == "KILLED"
+    assert parent.data.metrics["best/val/accuracy"] == study.best_value
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/best_per_architecture.csv", "report/optimization_history.png"}
+
+
+def test_a_multi_objective_sweep_reports_its_pareto_front(lab):
+    raw = sweep_dict(objective={"metric": "val/accuracy", "direction": "maximize", "costs": ["params"]},
+                     sampler={"name": "nsga2", "population_size": 4}, budget={"trials": 6, "epochs": 1})
+    _, study = run(lab, raw)
+    assert study.directions[1] == optuna.study.StudyDirection.MINIMIZE
+    report = lab / "reports/sweeps/tiny_sweep"
+    assert (report / "pareto_front.png").is_file() and not (report / "metric_vs_cost.png").exists()
+    front = pd.read_csv(report / "pareto_front.csv")
+    table = pd.read_csv(report / "trials.csv")
+    done = table[table["state"] == "complete"]
+    assert set(front["trial"]) == {t.number for t in study.best_trials}
+    for row in front.itertuples():  # nothing beats a front member on both accuracy and size
+        better = done[(done["val/accuracy"] >= row._5) & (done["params_total"] <= row.params_total)
+                      & ((done["val/accuracy"] > row._5) | (done["params_total"] < row.params_total))]
+        assert better.empty
+    assert json.loads((report / "summary.json").read_text())["pareto_front"] == sorted(front["trial"])
+
+
+def test_the_exported_best_spec_validates_and_reproduces_its_trial(lab, capsys):
+    _, study = run(lab, sweep_dict(budget={"trials": 4, "epochs": 2}))
+    report = lab / "reports/sweeps/tiny_sweep"
+    best = pd.read_csv(report / "best_per_architecture.csv")
+    assert (report / "optimization_history.png").is_file() and (report / "parallel_coordinates.png").is_file()
+    assert (report / "metric_vs_cost.png").is_file()
+    row = best.iloc[0]
+    spec_file = report / row["spec"]
+    assert main(["validate", str(spec_file)]) == 0
+    spec = load_spec(spec_file)
+    assert spec.name == spec_file.stem
+    from pipeline.data.prepare import load_prepared
+    again = train_experiment(spec, spec_file, load_prepared(lab / "data/prepared/tiny"), lab / "runs/again", None,
+                             progress=False)
+    assert again["best"]["val/accuracy"] == study.trials[int(row["best_trial"])].value == row["val/accuracy"]
+
+
+def test_rerunning_continues_the_study_and_a_bigger_budget_tops_it_up(lab, capsys):
+    path = write_sweep(lab, sweep_dict(budget={"trials": 2, "epochs": 1}))
+    assert main(["sweep", str(path), "--no-track"]) == 0
+    assert main(["sweep", str(path), "--no-track"]) == 0
+    assert "2 trials (0 new)" in capsys.readouterr().out
+    write_sweep(lab, sweep_dict(budget={"trials": 3, "epochs": 1}))
+    assert main(["sweep", str(path), "--no-track"]) == 0
+    assert "3 trials (1 new)" in capsys.readouterr().out
+    assert (lab / "sweeps" / "tiny_sweep.journal").is_file()
+    assert (lab / "reports/sweeps/tiny_sweep/best_per_architecture.md").is_file()
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"candidates": {"mlp": {"spec": "tiny_mlp", "space": {"model.hiden": {"type": "int", "low": 1, "high": 4}}}}},
+     "candidates.mlp.space[model.hiden]", "no field 'hiden'"),
+    ({"candidates": {"cnn": {"spec": "tiny_cnn", "space": {
+        "model.layers[5].channels": {"type": "int", "low": 1, "high": 4}}}}},
+     "candidates.cnn.space[model.layers[5].channels]", "index 5 is out of range"),
+    ({"candidates": {"mlp": {"spec": "tiny_mlp", "space": {
+        "train.optimizer.lr": {"type": "float", "low": 0.1, "high": 0.01}}}}},
+     "candidates.mlp.space[train.optimizer.lr]", "empty range"),
+    ({"candidates": {"mlp": {"spec": "tiny_mlp", "space": {
+        "model.hidden": {"type": "categorical", "choices": []}}}}},
+     "candidates.mlp.space[model.hidden].choices", "at least 1"),
+    ({"candidates": {"rnn": {"spec": "no_such_spec"}}}, "candidates.rnn.spec", "unknown candidate 'no_such_spec'"),
+    ({"objective": {"metric": "val/accuracy", "direction": "maximize", "costs": ["params"]},
+      "pruner": {"name": "median"}}, "pruner.name", "pruning needs a single objective"),
+    ({"objective": {"metric": "val/acc", "direction": "maximize"}}, "objective.metric", "not a validation metric"),
+    ({"budget": {"epochs": 2}}, "budget", "budget needs"),
+    ({"samplr": "tpe"}, "samplr", "Extra inputs"),
+])
+def test_a_bad_sweep_spec_is_a_clear_error(lab, capsys, change, field, words):
+    path = write_sweep(lab, sweep_dict(**change))
+    assert main(["sweep", str(path), "--no-track"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {field}:" in err and words in err
+    assert not (lab / "sweeps").exists() and not (lab / "runs").exists()
+
+
+def test_a_candidate_whose_task_cannot_read_the_data_stops_the_sweep_before_any_trial(lab, capsys):
+    (lab / "specs" / "tiny_cnn.yaml").write_text(yaml.safe_dump({**CNN, "task": "regress"}))  # tiny has classes
+    path = write_sweep(lab, sweep_dict())
+    assert main(["sweep", str(path), "--no-track"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny_cnn.yaml: task: regress needs value data, but dataset 'tiny' holds class data" in err, err
+    assert not (lab / "runs").exists()
+
+
+def test_parse_path_reads_names_and_indices():
+    assert parse_path("model.layers[1].channels") == ["model", "layers", 1, "channels"]
+    assert parse_path("train.optimizer.lr") == ["train", "optimizer", "lr"]
+
+
+def test_the_default_sweep_validates_against_the_repo_specs():
+    sweep = load_sweep(REPO / "specs/sweeps/mnist1d_arch.yaml", REPO / "specs")
+    assert {"mlp", "cnn", "gru", "transformer"} <= set(sweep.spec.candidates) and sweep.dataset == "mnist1d"
+    assert sweep.spec.budget.trials and sweep.spec.budget.timeout_s
