@@ -5,19 +5,18 @@ from typing import Annotated
 
 from pydantic import Field
 
-from models import cnn, mlp, resnet, rnn, seq2seq_rnn  # noqa: F401  (each module registers its builder on import)
-from models import transformer, vit  # noqa: F401
-from models import autoencoder, gan  # noqa: F401
+# Each family's module registers its builder on import.
+from models import autoencoder, cnn, gan, mlp, resnet, rnn, seq2seq_rnn, transformer, vit  # noqa: F401
 from models.autoencoder import AutoencoderSpec
 from models.cnn import CNNSpec
 from models.gan import GANSpec
 from models.mlp import MLPSpec
+from models.registry import DataShape, build_model, registered_kinds
 from models.resnet import ResNetSpec
 from models.rnn import RNNSpec
 from models.seq2seq_rnn import Seq2SeqRNNSpec
 from models.transformer import TransformerSpec
 from models.vit import ViTSpec
-from models.registry import DataShape, build_model, registered_kinds
 
 # Every family's spec class, in the order the docs list them. Adding a family = one import + one entry here.
 MODEL_SPECS = (MLPSpec, CNNSpec, ResNetSpec, RNNSpec, Seq2SeqRNNSpec, ViTSpec, TransformerSpec, AutoencoderSpec,

@@ -8,7 +8,8 @@
   decoder is a Gaussian p(x | z) = N(x̂, s² I) with a fixed s (`likelihood_std`). Training minimises
   −log p(x | z) + β·KL(q(z | x) ‖ N(0, I)); with β = 1 that is the negative ELBO. Decoding z ~ N(0, I) samples.
 
-The loss itself is composed by the `reconstruct` task (pipeline/tasks.py) from the pieces here.
+What makes each variant itself lives here, behind models.contract.Reconstructor: its corruption, its loss
+terms (`reconstruction_terms`) and whether it can sample. The `reconstruct` task calls them.
 Data are in prepare's normalised units, so the decoder's output layer is linear.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel, reject_fields_set_in_vain
+from models.base import ArchitectureError, reject_fields_set_in_vain
+from models.contract import Model, ModelSpecBase, Stats
 from models.layers.activations import ActivationName, make_activation
 from models.layers.resampling import conv_down, conv_up, halving_sizes
 from models.registry import DataShape, register
@@ -134,7 +136,7 @@ class ConvDecoder(nn.Module):
 
 
 # ── module ────────────────────────────────────────────────────────────────────
-class Autoencoder(nn.Module):
+class Autoencoder(Model):
     """Encoder → code → decoder. `reconstruct` gives what the loss needs; `forward` just the reconstruction."""
 
     def __init__(self, input_shape: tuple[int, ...], variant: Variant, arch: Literal["mlp", "conv"], latent: int,
@@ -187,6 +189,34 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)[0]
 
+    def reconstruction_terms(self, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor,
+                             logvar: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+        """The loss and its summable parts. ae/dae: the mean squared error. vae: −log p(x | z) +
+        β·KL(q(z | x) ‖ N(0, I)) per sample (nats)."""
+        n = x.new_tensor(len(x))
+        sse = (recon - x).pow(2).flatten(1).sum(dim=1)  # (B,)
+        stats = {"sse": sse.detach().sum(), "elements": n * x[0].numel(), "n": n}
+        if logvar is None:
+            loss = sse.sum() / (len(x) * x[0].numel())
+            stats["loss"] = loss.detach() * n
+            return loss, stats
+        nll = gaussian_nll(x, recon, self.likelihood_std)  # (B,)
+        kl = kl_to_standard_normal(mu, logvar)  # (B,)
+        per_sample = nll + self.beta * kl
+        stats.update(loss=per_sample.detach().sum(), nll=nll.detach().sum(), kl=kl.detach().sum())
+        return per_sample.mean(), stats
+
+    def corrupted(self, x: torch.Tensor, generator: torch.Generator) -> tuple[str, torch.Tensor] | None:
+        """A dae's corruption of x, drawn from `generator`, with a title for figures; None for ae and vae."""
+        if self.variant != "dae":
+            return None
+        return f"corrupted ({self.noise}, {self.noise_level:g})", corrupt(x, self.noise, self.noise_level, generator)
+
+    @property
+    def can_sample(self) -> bool:
+        """Only a vae has a prior to sample codes from."""
+        return self.variant == "vae"
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """A vae's samples: decode z ~ N(0, I). (n, *input_shape)."""
@@ -204,7 +234,7 @@ _ONLY_FOR = {  # field → (spec attribute, the value it must have for the field
 }
 
 
-class AutoencoderSpec(StrictModel):
+class AutoencoderSpec(ModelSpecBase):
     """An autoencoder: plain, denoising or variational; MLP or convolutional encoder and decoder."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"reconstruct"})

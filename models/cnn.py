@@ -13,6 +13,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from models.base import ArchitectureError, StrictModel
+from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName, make_activation
 from models.registry import DataShape, register
 
@@ -94,7 +95,7 @@ def as_channels_first(input_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...
 
 
 # ── module ────────────────────────────────────────────────────────────────────
-class CNN(nn.Module):
+class CNN(Model):
     def __init__(self, input_shape: tuple[int, ...], layers: list, head: list[int], head_dropout: float,
                  activation: ActivationName, out_features: int):
         super().__init__()
@@ -118,7 +119,7 @@ class CNN(nn.Module):
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────
-class CNNSpec(StrictModel):
+class CNNSpec(ModelSpecBase):
     """A convolutional network: a list of conv / pool / norm / dropout layers, then fully connected layers."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classify", "regress"})

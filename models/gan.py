@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel, reject_fields_set_in_vain
+from models.base import ArchitectureError, reject_fields_set_in_vain
+from models.contract import LossFn, Model, ModelSpecBase, Phase
 from models.layers.resampling import conv_down, conv_up, halving_sizes
 from models.registry import DataShape, register
 
@@ -158,7 +159,7 @@ def generator_step(model: "GAN", x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 
 # ── module ────────────────────────────────────────────────────────────────────
-class GAN(nn.Module):
+class GAN(Model):
     def __init__(self, input_shape: tuple[int, ...], arch: Literal["mlp", "dcgan"], latent: int, hidden: list[int],
                  channels: list[int], batch_norm: bool, leaky_slope: float, loss: GanLoss, g_lr: float, d_lr: float,
                  g_betas: tuple[float, float], d_betas: tuple[float, float],
@@ -200,9 +201,9 @@ class GAN(nn.Module):
         """n samples (n, *input_shape); a seeded `generator` gives the same ones every time."""
         return self.generator(self.noise(n, next(self.parameters()).device, generator))
 
-    def training_phases(self) -> list:
-        """Discriminator first, then generator: each with its own parameters, loss, learning rate and betas."""
-        from pipeline.engine.tasks import Phase  # here, not at import: pipeline.engine.tasks imports the models package
+    def training_phases(self, task_loss: LossFn | None = None) -> list[Phase]:
+        """Discriminator first, then generator: each with its own parameters, loss, learning rate and betas.
+        The game is the loss: a task's loss has no part in it."""
         return [Phase("discriminator", list(self.discriminator.parameters()), discriminator_step, self.d_lr,
                       self.d_betas),
                 Phase("generator", list(self.generator.parameters()), generator_step, self.g_lr, self.g_betas)]
@@ -212,7 +213,7 @@ class GAN(nn.Module):
 _ONLY_FOR = {"hidden": ("arch", "mlp"), "channels": ("arch", "dcgan")}  # field → (attribute, value it needs)
 
 
-class GANSpec(StrictModel):
+class GANSpec(ModelSpecBase):
     """A GAN: generator and discriminator, MLP or DCGAN-style, each trained by its own optimizer."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"generate"})

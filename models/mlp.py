@@ -8,7 +8,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from models.base import StrictModel
+from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName, make_activation
 from models.registry import DataShape, register
 
@@ -35,7 +35,7 @@ class DenseBlock(nn.Module):
 
 
 # ── module ────────────────────────────────────────────────────────────────────
-class MLP(nn.Module):
+class MLP(Model):
     def __init__(self, in_features: int, hidden: list[int], out_features: int, activation: ActivationName,
                  dropout: float, batch_norm: bool, residual: bool):
         super().__init__()
@@ -50,7 +50,7 @@ class MLP(nn.Module):
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────
-class MLPSpec(StrictModel):
+class MLPSpec(ModelSpecBase):
     """A fully connected network on the flattened input."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classify", "regress"})

@@ -19,6 +19,7 @@ from torch import nn
 
 from models.base import ArchitectureError, StrictModel
 from models.cnn import _CONV, _NORM, as_channels_first
+from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName, make_activation
 from models.registry import DataShape, register
 
@@ -61,7 +62,7 @@ class ResidualBlock(nn.Module):
 
 
 # ── module ────────────────────────────────────────────────────────────────────
-class ResNet(nn.Module):
+class ResNet(Model):
     def __init__(self, input_shape: tuple[int, ...], stem_channels: int, stem_kernel: int,
                  stages: list[tuple[int, int, int]], block: BlockName, bottleneck_ratio: int,
                  activation: ActivationName, skip: bool, head_dropout: float, out_features: int):
@@ -115,7 +116,7 @@ def _default_stages() -> list[ResNetStage]:
             ResNetStage(width=64, blocks=2, stride=2)]
 
 
-class ResNetSpec(StrictModel):
+class ResNetSpec(ModelSpecBase):
     """A residual network: stem convolution, stages of residual blocks with batch norm, global pooling, linear head."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classify", "regress"})

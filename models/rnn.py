@@ -22,8 +22,9 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel
+from models.base import ArchitectureError
 from models.cnn import as_channels_first
+from models.contract import Model, ModelSpecBase
 from models.layers.recurrent import CellName, StackedRNN, State
 from models.registry import DataShape, register
 
@@ -56,7 +57,7 @@ def final_hidden(finals: list[State], directions: int) -> torch.Tensor:
 
 
 # ── modules ───────────────────────────────────────────────────────────────────
-class RecurrentNet(nn.Module):
+class RecurrentNet(Model):
     """Sequence in, one prediction out (classification logits or regression values)."""
 
     def __init__(self, input_shape: tuple[int, ...], cell: CellName, hidden_size: int, num_layers: int,
@@ -76,7 +77,7 @@ class RecurrentNet(nn.Module):
         return self.head(summary)  # (B, out)
 
 
-class RecurrentLM(nn.Module):
+class RecurrentLM(Model):
     """Language model: embed tokens (B, T), run the stack left to right, logits for the next token (B, T, V)."""
 
     def __init__(self, vocab_size: int, embed_dim: int, cell: CellName, hidden_size: int, num_layers: int,
@@ -122,7 +123,7 @@ class RecurrentLM(nn.Module):
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────
-class RNNSpec(StrictModel):
+class RNNSpec(ModelSpecBase):
     """A recurrent network (vanilla RNN, LSTM or GRU) over a signal, an image's rows, or tokens."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classify", "regress", "lm"})

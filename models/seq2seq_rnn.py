@@ -20,7 +20,8 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel
+from models.base import ArchitectureError
+from models.contract import Model, ModelSpecBase
 from models.layers.recurrent import StackedRNN, State
 from models.registry import DataShape, register
 from models.tokens import BOS, EOS, PAD
@@ -60,7 +61,7 @@ class GlobalAttention(nn.Module):
 
 
 # ── module ────────────────────────────────────────────────────────────────────
-class Seq2SeqRNN(nn.Module):
+class Seq2SeqRNN(Model):
     def __init__(self, vocab_size: int, embed_dim: int, cell: Literal["lstm", "gru"], hidden_size: int,
                  num_layers: int, dropout: float, attention: AttentionName, target_len: int):
         super().__init__()
@@ -115,7 +116,7 @@ class Seq2SeqRNN(nn.Module):
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────
-class Seq2SeqRNNSpec(StrictModel):
+class Seq2SeqRNNSpec(ModelSpecBase):
     """An LSTM or GRU encoder-decoder with optional attention, for sequence-to-sequence tasks."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"seq2seq"})

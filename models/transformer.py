@@ -17,7 +17,8 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel
+from models.base import ArchitectureError
+from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName
 from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
@@ -80,7 +81,7 @@ class OutputHead(nn.Module):
 
 
 # ── modules ───────────────────────────────────────────────────────────────────
-class EncoderClassifier(nn.Module):
+class EncoderClassifier(Model):
     """Encoder-only: patches → tokens (+ [CLS]) → positions → N encoder layers → pool → linear classifier."""
 
     def __init__(self, input_shape: tuple[int, ...], patch: int, d_model: int, heads: int, layers: int, d_ff: int,
@@ -103,7 +104,7 @@ class EncoderClassifier(nn.Module):
         return self.head(pooled)  # (B, K)
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(Model):
     """The paper's model: encoder over the source, decoder over the shifted target with cross-attention."""
 
     def __init__(self, vocab_size: int, max_positions: int, d_model: int, heads: int, layers: int, d_ff: int,
@@ -155,7 +156,7 @@ class EncoderDecoder(nn.Module):
         return self(x, torch.full((len(x), self.target_len), BOS, dtype=torch.long, device=x.device))
 
 
-class DecoderOnly(nn.Module):
+class DecoderOnly(Model):
     """GPT-style: token + position → N masked self-attention layers → next-token logits at every position."""
 
     def __init__(self, vocab_size: int, context: int, d_model: int, heads: int, layers: int, d_ff: int,
@@ -190,7 +191,7 @@ class DecoderOnly(nn.Module):
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────
-class TransformerSpec(StrictModel):
+class TransformerSpec(ModelSpecBase):
     """A Transformer built from our own attention, positional encodings, FFN and residual + LayerNorm layers."""
 
     tasks: ClassVar[frozenset[str]] = frozenset(TASKS_BY_SHAPE.values())

@@ -13,7 +13,8 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 from torch import nn
 
-from models.base import ArchitectureError, StrictModel
+from models.base import ArchitectureError
+from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName
 from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
@@ -34,7 +35,7 @@ class PatchEmbedding(nn.Module):
 
 
 # ── module ────────────────────────────────────────────────────────────────────
-class ViT(nn.Module):
+class ViT(Model):
     def __init__(self, image_shape: tuple[int, int, int], patch: int, d_model: int, depth: int, heads: int,
                  d_ff: int, activation: ActivationName, dropout: float, attention_dropout: float,
                  positional: PositionalName, norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int):
@@ -59,7 +60,7 @@ class ViT(nn.Module):
 
 
 # ── spec ──────────────────────────────────────────────────────────────────────
-class ViTSpec(StrictModel):
+class ViTSpec(ModelSpecBase):
     """A Vision Transformer: patch embedding, [class] token or mean pooling, positions, encoder layers, head."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classify"})

@@ -26,8 +26,8 @@ def _data_dir(args, config, dataset: str) -> Path:
 
 # ── verbs ────────────────────────────────────────────────────────────────────
 def cmd_prepare(args) -> int:
-    from pipeline.specs.config import dataset_spec
     from pipeline.data.prepare import prepare
+    from pipeline.specs.config import dataset_spec
     config = _config(args)
     names = args.datasets or sorted({*config.datasets, *config.experiments.values()})
     for name in names:
@@ -47,16 +47,16 @@ def cmd_validate(args) -> int:
         model, out = check_buildable(spec, meta, path)
         shape = shape_from_meta(meta)
         params = sum(p.numel() for p in model.parameters())
-        out_shape = tuple(out.shape[1:]) if hasattr(out, "shape") else "(see model)"
+        out_shape = tuple(out.shape[1:])
         print(f"{path}: ok — {spec.name}: {spec.model.kind} for {spec.task} on {spec.data.dataset}, "
               f"{params:,} parameters, input {shape.input_shape} → output {out_shape}")
     return 0
 
 
 def cmd_train(args) -> int:
+    from pipeline.engine.train import train_experiment
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
-    from pipeline.engine.train import train_experiment
     config = _config(args)
     spec = load_spec(args.spec)
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
@@ -69,8 +69,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.specs.config import tracking_uri
     from pipeline.engine.evaluate import evaluate_run
+    from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
     config = _config(args)
     spec = load_spec(args.spec)
@@ -106,8 +106,8 @@ def cmd_schema(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline.specs.config import tracking_uri
-    from pipeline.sweeps.study import default_storage_url, run_sweep
     from pipeline.specs.sweep import load_sweep
+    from pipeline.sweeps.study import default_storage_url, run_sweep
     config = _config(args)
     if args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")

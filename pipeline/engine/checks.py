@@ -14,8 +14,8 @@ def ensure_prepared(config, spec, folder: Path, spec_path: str):
     The model is checked against the data's shape before anything is written, so an impossible
     architecture leaves no prepared folder behind.
     """
-    from pipeline.specs.config import dataset_spec
     from pipeline.data.prepare import build_arrays, load_prepared, write_prepared
+    from pipeline.specs.config import dataset_spec
     dataset = spec.data.dataset
     if (folder / "meta.json").is_file():
         data = load_prepared(folder)
@@ -33,8 +33,8 @@ def ensure_prepared(config, spec, folder: Path, spec_path: str):
 
 def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
     """The data's meta.json, from a prepared folder or, failing that, built in memory (nothing written)."""
-    from pipeline.specs.config import dataset_spec
     from pipeline.data.prepare import build_arrays
+    from pipeline.specs.config import dataset_spec
     if (folder / "meta.json").is_file():
         return json.loads((folder / "meta.json").read_text())
     _, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
@@ -45,6 +45,7 @@ def check_buildable(spec, meta: dict, source):
     """The spec fits the data that `meta` describes: its task can read them (classify on text is a spec
     mistake), and its model builds and runs one tiny batch (an impossible architecture names its layer)."""
     import torch
+
     from models import build_model
     from models.base import ArchitectureError
     from pipeline.data.prepare import shape_from_meta
@@ -59,7 +60,7 @@ def check_buildable(spec, meta: dict, source):
         dtype = torch.long if shape.vocab_size else torch.float32
         x = torch.zeros((2, *shape.input_shape), dtype=dtype)
         with torch.no_grad():
-            out = model.example_forward(x) if hasattr(model, "example_forward") else model(x)
+            out = model.example_forward(x)
     except ArchitectureError as err:
         raise UserError(source, err.message, field=err.field) from None
     except RuntimeError as err:

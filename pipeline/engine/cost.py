@@ -62,17 +62,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def inference_forward(trainer) -> Forward:
-    """How the model is run for inference: teacher-forced for seq2seq, `example_forward` where the model
-    defines one (a forward that needs more than x), else model(x)."""
-    if getattr(trainer.task, "name", None) == "seq2seq":
-        from pipeline.engine.tasks import teacher_forcing_input
-        return lambda model, x, y: model(x, teacher_forcing_input(y))
-    if hasattr(trainer.model, "example_forward"):
-        return lambda model, x, y: model.example_forward(x)
-    return lambda model, x, y: model(x)
-
-
 def forward_flops(model: nn.Module, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> float:
     """FLOPs per sample of one inference forward pass (eval mode, no gradients)."""
     was_training = model.training
@@ -234,7 +223,7 @@ def measure_cost(trainer, metrics: dict) -> dict:
 
     attempt(("params_total", "params_trainable"), lambda: count_parameters(model))
     attempt(("train_samples_per_s",), lambda: {"train_samples_per_s": samples_per_second(trainer, metrics)})
-    forward = inference_forward(trainer)
+    forward = trainer.task.inference_forward  # teacher-forced for seq2seq, the model's example forward else
     train_x, train_y = trainer.train_x[:FLOP_BATCH], trainer.train_y[:FLOP_BATCH]
     attempt(("flops_forward_per_sample",),
             lambda: {"flops_forward_per_sample": forward_flops(model, forward, train_x, train_y)})

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.contract import Model, Phase
+
 # ── tunables that are not worth a spec field ────────────────────────────────────
 SPIKE_WINDOW = 500  # steps of global-norm history the running median is taken over
 SPIKE_MIN_HISTORY = 20  # no spike is called before this many steps are known
@@ -70,7 +72,8 @@ def layer_name(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
 
 
-def index_layers(model: nn.Module) -> LayerIndex:
+def index_layers(model: nn.Module, phases: list[Phase]) -> LayerIndex:
+    """Group the trainable parameters by layer, each layer marked with the phase that updates it."""
     names: list[str] = []
     params: list[nn.Parameter] = []
     param_layer: list[int] = []
@@ -89,19 +92,19 @@ def index_layers(model: nn.Module) -> LayerIndex:
     index = LayerIndex(names, params, param_layer, weight)
     position = {id(p): i for i, p in enumerate(params)}
     index.layer_phase = ["main"] * len(names)
-    custom = getattr(model, "training_phases", None)
-    phases = [(ph.name, ph.params) for ph in custom()] if custom is not None else [("main", params)]
-    for name, phase_params in phases:
-        ids = [position[id(p)] for p in phase_params if id(p) in position]
-        index.phase_params[name] = ids
+    for phase in phases:
+        ids = [position[id(p)] for p in phase.params if id(p) in position]
+        index.phase_params[phase.name] = ids
         for i in ids:
-            index.layer_phase[param_layer[i]] = name
+            index.layer_phase[param_layer[i]] = phase.name
     return index
 
 
 # ── the monitor ────────────────────────────────────────────────────────────────
 class NullMonitor:
     """Records nothing during training (diagnostics off); the summary still reads the history."""
+
+    _last: dict | None = None  # the summary, once written
 
     def after_backward(self, phase: str) -> None: ...
 
@@ -123,17 +126,17 @@ class NullMonitor:
         return {"enabled": False, **self._last}
 
     def tags(self) -> dict[str, str]:
-        return flag_tags(getattr(self, "_last", None))
+        return flag_tags(self._last)
 
 
 class GradientMonitor:
     """Per-layer gradient norms, update ratios and activation statistics; flags and overfitting at the end."""
 
-    def __init__(self, spec, model: nn.Module, probe_x: torch.Tensor, probe_y: torch.Tensor):
+    def __init__(self, spec, model: Model, phases: list[Phase], probe_x: torch.Tensor, probe_y: torch.Tensor):
         self.spec = spec
         self.model = model
         self.probe_x, self.probe_y = probe_x, probe_y
-        self.index = index_layers(model)
+        self.index = index_layers(model, phases)
         self.device = self.index.params[0].device if self.index.params else torch.device("cpu")
         self._zero = torch.zeros((), device=self.device)  # stands in for a missing gradient
         self._grouping = {ph: self.index.grouping(ids, self.device) for ph, ids in self.index.phase_params.items()}
@@ -296,8 +299,7 @@ class GradientMonitor:
             # Forked RNG: a model that samples even in eval mode must not shift the training's random stream.
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                forward = getattr(self.model, "example_forward", None)
-                forward(self.probe_x) if forward is not None else self.model(self.probe_x)
+                self.model.example_forward(self.probe_x)
         except Exception as err:  # noqa: BLE001 - a model whose forward needs more than x: no activation stats
             self.state["activation_error"] = f"probe forward failed: {type(err).__name__}: {err}"
             return {}
@@ -616,8 +618,8 @@ def clean_json(obj):
     return obj
 
 
-def make_monitor(spec, model: nn.Module, probe_x: torch.Tensor, probe_y: torch.Tensor):
+def make_monitor(spec, model: Model, phases: list[Phase], probe_x: torch.Tensor, probe_y: torch.Tensor):
     """The engine's monitor: a GradientMonitor when diagnostics are on, else one that records nothing."""
     if not spec.enabled or not any(p.requires_grad for p in model.parameters()):
         return NullMonitor()
-    return GradientMonitor(spec, model, probe_x, probe_y)
+    return GradientMonitor(spec, model, phases, probe_x, probe_y)

@@ -23,12 +23,15 @@ import torch
 from torch import nn
 
 from models import build_model
+from models.contract import Phase
 from pipeline.data.prepare import Prepared
 from pipeline.engine.diagnostics import make_monitor
+from pipeline.engine.tasks import make_task
+from pipeline.engine.tasks.base import Task
+from pipeline.engine.tracking import Tracker
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
-from pipeline.engine.tasks import Phase, Task, make_task
-from pipeline.engine.tracking import Tracker
+from pipeline.specs.metrics import Mode, is_better
 
 CHECKPOINT = "checkpoint.pt"
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -154,10 +157,8 @@ class RunState:
     run_id: str | None = None
 
 
-def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
+def _improved(value: float, best: float | None, mode: Mode, min_delta: float) -> bool:
+    return best is None or is_better(value, best, mode, min_delta)
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -192,7 +193,7 @@ class Trainer:
             opt, lambda s: lr_factor(spec.train.schedule, s, self.steps_per_epoch, self.total_steps))
             for opt in self.optimizers]
         self.batch_gen = torch.Generator().manual_seed(spec.train.seed)
-        self.monitor = make_monitor(spec.diagnostics, self.model, self.train_x[:256], self.train_y[:256])
+        self.monitor = make_monitor(spec.diagnostics, self.model, self.phases, self.train_x[:256], self.train_y[:256])
         self.state = RunState()
 
     def _split(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,9 +311,7 @@ class Trainer:
                        "lr": self.schedulers[0].get_last_lr()[0], "epoch_time_s": epoch_time}
                 row.update(self.monitor.end_epoch(self.state.epoch))
                 # Tasks with per-epoch artifacts (sample grids, sampled text) write them here.
-                end_epoch = getattr(self.task, "end_epoch", None)
-                if end_epoch is not None:
-                    row.update(end_epoch(self.model, self.state.epoch, self.run_dir, self.data) or {})
+                row.update(self.task.end_epoch(self.model, self.state.epoch, self.run_dir, self.data))
                 self.state.history.append(row)
                 diverged = not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss"))
                 value = row.get(monitor_key, float("nan"))

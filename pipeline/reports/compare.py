@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import atomic_write_text, replace_dir
-from pipeline.reports.records import FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run, metric_mode
+from pipeline.reports.records import FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run
+from pipeline.specs.metrics import metric_mode
 
 LEADERBOARD = "leaderboard.csv"
 COMPARISON_MD = "comparison.md"
@@ -157,8 +158,8 @@ def test_metrics_table(records: list[RunRecord], metric: str):
 
 def text_blocks(record: RunRecord):
     """Sampled text (lm) or decoded examples (seq2seq) of one run."""
-    from pipeline.reports.figures import slug
     from pipeline.reports.document import TextBlock
+    from pipeline.reports.figures import slug
     blocks = []
     sample = record.test.get("sample")
     if isinstance(sample, str) and sample:
@@ -222,8 +223,8 @@ def summary_lines(groups) -> list[str]:
 
 
 def build_report(records: list[RunRecord], figures_dir: Path):
-    from pipeline.reports.figures import FigureWriter
     from pipeline.reports.document import Report
+    from pipeline.reports.figures import FigureWriter
     writer = FigureWriter(figures_dir)
     groups = group_by_dataset_task(records)
     sections = [build_section(writer, dataset, task, members) for (dataset, task), members in groups]

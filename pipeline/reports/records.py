@@ -12,12 +12,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.specs.metrics import Mode, metric_mode
+
 FLAG_NAMES = ("vanishing", "exploding", "dead_units", "unstable", "diverged")
 HISTORY_FLAGS = ("unstable", "diverged")  # judged from the loss history, so known even with diagnostics off
 SAMPLE_EPOCH = re.compile(r"epoch_(\d+)$")
-# Metrics where lower is better; every other metric is higher-is-better.
-LOWER_IS_BETTER = frozenset({"loss", "mse", "mae", "rmse", "cross_entropy", "bits_per_char", "excess_bits_per_char",
-                             "perplexity", "fid", "kid", "nll", "bce", "kl", "nelbo", "reconstruction_error"})
 
 
 def read_json(path: Path) -> dict:
@@ -53,15 +52,6 @@ def finite(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def metric_mode(metric: str | None) -> str:
-    """'min' when a lower value of the metric is better, else 'max'.
-
-    By name, so the reports need not import the tasks (and torch with them): every task's main
-    metric is either on LOWER_IS_BETTER or higher-is-better (accuracy, r2, exact_accuracy, coverage).
-    """
-    return "min" if metric and metric.lower() in LOWER_IS_BETTER else "max"
 
 
 @dataclass
@@ -100,7 +90,7 @@ class RunRecord:
         return self.metrics.get("main_metric") or self.evaluation.get("main_metric")
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return metric_mode(self.main_metric)
 
     # results -------------------------------------------------------------------

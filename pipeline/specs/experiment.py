@@ -12,6 +12,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, StringConstraints, Valid
 from models import MODEL_SPECS, ModelSpec
 from models.base import StrictModel
 from pipeline.specs.errors import UserError, from_validation_error
+from pipeline.specs.metrics import Mode
 
 # A name becomes a folder and an MLflow run name: no slashes, no dots, no leading dash.
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
@@ -47,7 +48,7 @@ class ScheduleSpec(StrictModel):
 
 class EarlyStoppingSpec(StrictModel):
     monitor: str = Field(default="val/loss", description="History column to watch, e.g. val/loss or val/accuracy.")
-    mode: Literal["min", "max"] = Field(default="min", description="Whether lower or higher is better.")
+    mode: Mode = Field(default="min", description="Whether lower or higher is better.")
     patience: PositiveInt = Field(default=10, description="Epochs without improvement before stopping.")
     min_delta: float = Field(default=0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
@@ -129,7 +130,7 @@ class ExperimentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _model_serves_task(self) -> "ExperimentSpec":
-        served = served_tasks(self.model)
+        served = self.model.served_tasks()
         if self.task not in served:
             # A family whose tasks depend on its settings (a transformer's shape) says which it serves as configured.
             why = f" as configured (it serves {', '.join(sorted(served))})" if served != self.model.tasks else ""
@@ -143,20 +144,10 @@ class ExperimentSpec(StrictModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def served_tasks(model) -> frozenset[str]:
-    """Tasks a model spec serves: its family's `tasks`, or per instance when the family defines `served_tasks()`."""
-    per_instance = getattr(model, "served_tasks", None)
-    return per_instance() if callable(per_instance) else model.tasks
-
-
 def valid_pairs() -> str:
-    """'kind: task, task; ...' for error messages; a family may word its entry with `describe_tasks()`."""
-    parts = []
-    for cls in MODEL_SPECS:
-        describe = getattr(cls, "describe_tasks", None)
-        tasks = describe() if callable(describe) else ", ".join(sorted(cls.tasks))
-        parts.append(f"{cls.model_fields['kind'].annotation.__args__[0]}: {tasks}")
-    return "; ".join(parts)
+    """'kind: task, task; ...' for error messages, each family wording its own entry."""
+    return "; ".join(f"{cls.model_fields['kind'].annotation.__args__[0]}: {cls.describe_tasks()}"
+                     for cls in MODEL_SPECS)
 
 
 def union_tags() -> frozenset[str]:

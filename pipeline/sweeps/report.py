@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.io import atomic_write_json, atomic_write_text, replace_dir
+from pipeline.specs.metrics import is_better, mode_of_direction
 from pipeline.specs.sweep import COST_KEYS, CategoricalDim, Sweep
 from pipeline.sweeps.space import build_trial_spec, values_from_params
 
@@ -56,7 +57,7 @@ def _short(value: Any) -> str:
 
 
 def _better(a: float, b: float, direction: str) -> bool:
-    return a > b if direction == "maximize" else a < b
+    return is_better(a, b, mode_of_direction(direction))
 
 
 def best_trials(study, sweep: Sweep) -> dict[str, Any]:

@@ -9,11 +9,13 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.base import ArchitectureError
+from models.contract import Model
 from models.gan import GANSpec, RangeTanh, discriminator_loss, generator_loss
 from models.registry import DataShape
 from pipeline.cli import main
 from pipeline.engine.tasks import make_task
-from tests.conftest import validate_error, write_spec as write_spec_file
+from tests.conftest import validate_error
+from tests.conftest import write_spec as write_spec_file
 
 LOW, HIGH = -0.8, 1.8
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10, value_range=(LOW, HIGH))
@@ -227,10 +229,15 @@ def test_dcgan_refuses_signals_and_too_many_stages():
     assert gan("mlp", DataShape(input_shape=(40,), output_size=10)).sample(3).shape == (3, 40)
 
 
+class LinearModel(Model, torch.nn.Linear):
+    """A model with the contract's default single phase: not something that can play a game."""
+
+
 def test_generate_needs_a_model_with_phases():
-    (phase,) = make_task("generate").phases(torch.nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="needs a model with training_phases"):
-        phase.loss(torch.nn.Linear(2, 2), torch.zeros(1, 2), None)
+    model = LinearModel(2, 2)
+    (phase,) = make_task("generate").phases(model)
+    with pytest.raises(TypeError, match="needs a model that trains in its own phases; LinearModel has none"):
+        phase.loss(model, torch.zeros(1, 2), None)
 
 
 # ── specs through the real loader ────────────────────────────────────────────

@@ -13,7 +13,8 @@ from models.registry import DataShape
 from models.seq2seq_rnn import GlobalAttention, Seq2SeqRNN, Seq2SeqRNNSpec
 from models.tokens import BOS, EOS, FIRST_SYMBOL, PAD
 from pipeline.cli import main
-from pipeline.engine.tasks import make_task, teacher_forcing_input
+from pipeline.engine.tasks import make_task
+from pipeline.engine.tasks.seq2seq import teacher_forcing_input
 from tests.conftest import fit_losses, reverse_batch, validate_error, write_spec as write_spec_file
 
 SEQ2SEQ = DataShape(input_shape=(6,), output_size=9, vocab_size=9, max_len=6, target_len=7)

@@ -9,7 +9,8 @@ from models.registry import DataShape
 from models.tokens import BOS, EOS, FIRST_SYMBOL, PAD
 from models.transformer import DecoderOnly, EncoderDecoder, TransformerSpec
 from pipeline.cli import main
-from pipeline.engine.tasks import make_task, teacher_forcing_input
+from pipeline.engine.tasks import make_task
+from pipeline.engine.tasks.seq2seq import teacher_forcing_input
 from tests.conftest import fit_losses, reverse_batch, validate_error, write_spec as write_spec_file
 
 SIGNAL = DataShape(input_shape=(40,), output_size=10)

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.data.prepare import Prepared
 from pipeline.engine.diagnostics import GradientMonitor, make_monitor, overfitting, unstable
 from pipeline.specs.experiment import DiagnosticsSpec, ExperimentSpec
-from pipeline.engine.tasks import Phase
+from models.contract import Model, Phase
 from pipeline.engine.train import Trainer, train_experiment
 from tests.conftest import tiny_classification
 
@@ -187,7 +187,11 @@ def test_unstable_is_oscillation_not_a_fall_nor_plateau_noise():
 
 
 # ── the numbers themselves ───────────────────────────────────────────────────────────
-class TwoPhase(nn.Module):
+class SequentialModel(Model, nn.Sequential):
+    """An nn.Sequential that speaks the model contract (its default hooks)."""
+
+
+class TwoPhase(Model):
     """Two independent linear maps, each trained by its own phase (the shape of a GAN's two players)."""
 
     def __init__(self):
@@ -198,7 +202,7 @@ class TwoPhase(nn.Module):
     def forward(self, x):
         return self.a(x).sum(1) + self.b(x).sum(1)
 
-    def training_phases(self):
+    def training_phases(self, task_loss=None):
         return [Phase("a", list(self.a.parameters()), lambda m, x, y: ((m.a(x) - 1) ** 2).mean()),
                 Phase("b", list(self.b.parameters()), lambda m, x, y: (m.b(x) ** 2).mean())]
 
@@ -207,7 +211,7 @@ def test_per_layer_norms_and_update_ratio_match_a_hand_computation():
     torch.manual_seed(0)
     model = TwoPhase()
     x = torch.randn(64, 4)
-    monitor = make_monitor(DiagnosticsSpec(), model, x[:16], None)
+    monitor = make_monitor(DiagnosticsSpec(), model, model.training_phases(), x[:16], None)
     assert isinstance(monitor, GradientMonitor)
     assert monitor.index.names == ["a", "b.0", "b.2"] and monitor.index.layer_phase == ["a", "b", "b"]
     opts = {ph.name: torch.optim.SGD(ph.params, lr=0.1) for ph in model.training_phases()}
@@ -248,10 +252,10 @@ def test_per_layer_norms_and_update_ratio_match_a_hand_computation():
 
 
 def test_the_probe_leaves_no_hooks_and_restores_every_mode():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    model = SequentialModel(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
     model.train()
     model[2].eval()  # a submodule deliberately in eval mode must stay so
-    monitor = make_monitor(DiagnosticsSpec(), model, torch.randn(8, 4), None)
+    monitor = make_monitor(DiagnosticsSpec(), model, model.training_phases(lambda m, x, y: None), torch.randn(8, 4), None)
     rng = torch.get_rng_state()
     monitor.end_epoch(1)
     assert all(not m._forward_hooks for m in model.modules())

@@ -10,12 +10,22 @@ import pytest
 import torch
 from torch import nn
 
+from models.contract import Model
 from models.tokens import BOS, EOS, FIRST_SYMBOL, PAD
 from pipeline.cli import main
-from pipeline.specs.datasets import CorpusSource, SequenceSource
 from pipeline.data.prepare import build_arrays, load_prepared
-from pipeline.data.synthetic import GRAMMAR, addition_sequences, generate_corpus, grammar_entropy, sample_sentence, sentence_log2_prob, symbol_sequences
-from pipeline.engine.tasks import LMTask, Seq2SeqTask, decode_tokens, teacher_forcing_input
+from pipeline.data.synthetic import (
+    GRAMMAR,
+    addition_sequences,
+    generate_corpus,
+    grammar_entropy,
+    sample_sentence,
+    sentence_log2_prob,
+    symbol_sequences,
+)
+from pipeline.engine.tasks import LMTask, Seq2SeqTask
+from pipeline.engine.tasks.seq2seq import decode_tokens, teacher_forcing_input
+from pipeline.specs.datasets import CorpusSource, SequenceSource
 
 
 def body(row: np.ndarray) -> list[int]:
@@ -156,7 +166,7 @@ def test_a_bad_text_file_exits_2(content, words, project, capsys):
 
 
 # ── seq2seq metrics on hand-made models ──────────────────────────────────────
-class ReverseOracle(nn.Module):
+class ReverseOracle(Model):
     """Reverses the source exactly; `mistake` makes it get the first token of the first sequence wrong."""
 
     def __init__(self, vocab: int, mistake: bool = False):
@@ -221,7 +231,7 @@ def test_seq2seq_loss_ignores_padding_and_uses_teacher_forcing():
 
 
 # ── lm metrics and sampled text ──────────────────────────────────────────────
-class UniformLM(nn.Module):
+class UniformLM(Model):
     """Every character equally likely: cross-entropy ln V, log2 V bits, perplexity V."""
 
     def __init__(self, vocab: int):

@@ -27,7 +27,7 @@ import yaml
 from pipeline.reports.compare import compare
 from pipeline.data.prepare import Prepared
 from pipeline.engine.evaluate import evaluate_run
-from pipeline.reports.records import metric_mode, pareto_front
+from pipeline.reports.records import pareto_front
 from pipeline.specs.experiment import ExperimentSpec
 from pipeline.engine.train import train_experiment
 from tests.conftest import REPO, tiny_classification
@@ -360,13 +360,6 @@ def test_pareto_front_keeps_only_models_nothing_beats():
     losses = [(1.0, 3.0), (2.0, 2.0), (3.0, 2.5), (5.0, 1.0)]
     assert pareto_front(losses, "min") == [0, 1, 3]
     assert pareto_front([(1.0, 0.5), (1.0, 0.5)], "max") == [0, 1]  # equal points do not beat each other
-
-
-def test_metric_direction_agrees_with_every_task():
-    from pipeline.engine.tasks import TASKS
-    for name, task in TASKS.items():
-        spec = task()
-        assert metric_mode(spec.metric) == spec.mode, name
 
 
 # ── DVC plots and the browser ────────────────────────────────────────────────

@@ -1,0 +1,47 @@
+"""classify: cross-entropy on class labels; accuracy, macro F1 and the confusion matrix."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.contract import Model, Phase, Stats
+from pipeline.engine.tasks.base import TaskDefaults, predict
+
+
+def _classify_loss(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    logits = model(x)  # (B, K)
+    loss = F.cross_entropy(logits, y)
+    n = y.new_tensor(len(y), dtype=torch.float32)
+    return loss, {"loss": loss.detach() * n, "correct": (logits.argmax(1) == y).sum().float(), "n": n}
+
+
+@dataclass
+class ClassifyTask(TaskDefaults):
+    name: str = "classify"
+    metric: str = "accuracy"
+    reads: frozenset[str] = frozenset({"class"})
+
+    def phases(self, model: Model) -> list[Phase]:
+        return model.training_phases(_classify_loss)
+
+    def eval_stats(self, model: Model, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        return _classify_loss(model, x, y)[1]
+
+    def summarize(self, stats: dict[str, float]) -> dict[str, float]:
+        return {"loss": stats["loss"] / stats["n"], "accuracy": stats["correct"] / stats["n"]}
+
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict:
+        logits = predict(model, x)
+        k = meta["num_classes"]
+        pred = logits.argmax(1)
+        confusion = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)  # rows: true, cols: predicted
+        tp = confusion.diag().float()
+        precision = tp / confusion.sum(0).clamp(min=1)
+        recall = tp / confusion.sum(1).clamp(min=1)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+        present = confusion.sum(1) > 0  # macro-average over classes that occur in the test set
+        return {"accuracy": (pred == y).float().mean().item(), "macro_f1": f1[present].mean().item(),
+                "cross_entropy": F.cross_entropy(logits, y).item(), "confusion_matrix": confusion.tolist(),
+                "classes": meta.get("classes")}
