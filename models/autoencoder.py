@@ -272,7 +272,7 @@ class AutoencoderSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("autoencoder")
+@register(AutoencoderSpec)
 def build_autoencoder(spec: AutoencoderSpec, shape: DataShape) -> Autoencoder:
     if shape.vocab_size:
         raise ArchitectureError("data", "an autoencoder reconstructs real-valued data (images, signals, tables), "

@@ -131,7 +131,7 @@ class CNNSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("cnn")
+@register(CNNSpec)
 def build_cnn(spec: CNNSpec, shape: DataShape) -> CNN:
     return CNN(input_shape=shape.input_shape, layers=spec.layers, head=spec.head, head_dropout=spec.head_dropout,
                activation=spec.activation, out_features=shape.output_size)

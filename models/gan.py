@@ -248,7 +248,7 @@ class GANSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("gan")
+@register(GANSpec)
 def build_gan(spec: GANSpec, shape: DataShape) -> GAN:
     if shape.vocab_size:
         raise ArchitectureError("data", "a gan generates real-valued data (images, signals, tables), not tokens")

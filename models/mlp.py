@@ -63,7 +63,7 @@ class MLPSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("mlp")
+@register(MLPSpec)
 def build_mlp(spec: MLPSpec, shape: DataShape) -> MLP:
     return MLP(in_features=math.prod(shape.input_shape), hidden=spec.hidden, out_features=shape.output_size,
                activation=spec.activation, dropout=spec.dropout, batch_norm=spec.batch_norm, residual=spec.residual)

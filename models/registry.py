@@ -24,15 +24,23 @@ class Builder(Protocol):
 
 
 _BUILDERS: dict[str, Builder] = {}
+_SPECS: dict[str, type] = {}  # kind → the family's spec class, in the order families were registered
 
 
-def register(kind: str) -> Callable[[Builder], Builder]:
-    """Decorator: file a builder under `kind`; a second builder for the same kind is a bug."""
+def spec_kind(spec_cls: type) -> str:
+    """The `kind` tag a family's spec class declares (its Literal)."""
+    return spec_cls.model_fields["kind"].annotation.__args__[0]
+
+
+def register(spec_cls: type) -> Callable[[Builder], Builder]:
+    """Decorator: file a builder under its spec's `kind`; a second builder for the same kind is a bug."""
+    kind = spec_kind(spec_cls)
 
     def add(builder: Builder) -> Builder:
         if kind in _BUILDERS:
             raise ValueError(f"model kind {kind!r} is registered twice")
         _BUILDERS[kind] = builder
+        _SPECS[kind] = spec_cls
         return builder
 
     return add
@@ -40,6 +48,11 @@ def register(kind: str) -> Callable[[Builder], Builder]:
 
 def registered_kinds() -> frozenset[str]:
     return frozenset(_BUILDERS)
+
+
+def registered_specs() -> tuple[type, ...]:
+    """Every family's spec class, in registration order."""
+    return tuple(_SPECS.values())
 
 
 def build_model(spec, shape: DataShape) -> nn.Module:

@@ -153,7 +153,7 @@ class ResNetSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("resnet")
+@register(ResNetSpec)
 def build_resnet(spec: ResNetSpec, shape: DataShape) -> ResNet:
     return ResNet(input_shape=shape.input_shape, stem_channels=spec.stem_channels, stem_kernel=spec.stem_kernel,
                   stages=[(s.width, s.blocks, s.stride) for s in spec.stages], block=spec.block,

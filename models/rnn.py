@@ -148,7 +148,7 @@ class RNNSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("rnn")
+@register(RNNSpec)
 def build_rnn(spec: RNNSpec, shape: DataShape) -> nn.Module:
     if shape.vocab_size:  # token data: a language model
         if spec.bidirectional:

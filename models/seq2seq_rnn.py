@@ -131,7 +131,7 @@ class Seq2SeqRNNSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("seq2seq_rnn")
+@register(Seq2SeqRNNSpec)
 def build_seq2seq_rnn(spec: Seq2SeqRNNSpec, shape: DataShape) -> Seq2SeqRNN:
     if not shape.vocab_size:
         raise ArchitectureError("data.dataset", "seq2seq_rnn needs token data (a dataset with a vocabulary, "

@@ -243,7 +243,7 @@ def _needs_tokens(spec: TransformerSpec, shape: DataShape) -> None:
                                 f"`corpus` dataset); this dataset holds inputs of shape {shape.input_shape}")
 
 
-@register("transformer")
+@register(TransformerSpec)
 def build_transformer(spec: TransformerSpec, shape: DataShape) -> nn.Module:
     common = dict(d_model=spec.d_model, heads=spec.heads, layers=spec.layers, d_ff=spec.ffn_width(),
                   activation=spec.activation, dropout=spec.dropout, attention_dropout=spec.attention_dropout,

@@ -87,7 +87,7 @@ class ViTSpec(ModelSpecBase):
 
 
 # ── builder ───────────────────────────────────────────────────────────────────
-@register("vit")
+@register(ViTSpec)
 def build_vit(spec: ViTSpec, shape: DataShape) -> ViT:
     if len(shape.input_shape) != 3:
         raise ArchitectureError("model", f"a vit reads images (C, H, W); this dataset's inputs have shape "

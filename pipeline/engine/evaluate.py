@@ -1,7 +1,6 @@
 """Test-set evaluation of a trained run: runs/NAME/eval.json, added to the run's MLflow run."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -36,6 +35,3 @@ def evaluate_run(spec: ExperimentSpec, data: Prepared, run_dir: str | Path, trac
         tracker.end("FAILED" if state["status"] == "diverged" else "FINISHED")
     return result
 
-
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -40,10 +40,8 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
                  tags: dict[str, str] | None = None, parent_run_id: str | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         self._pending: list = []

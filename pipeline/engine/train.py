@@ -7,7 +7,6 @@ states, history, MLflow run id) is written at the end of an epoch, at most every
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import math
@@ -349,14 +348,6 @@ class Trainer:
         return self.write_outputs()
 
     # outputs -------------------------------------------------------------------
-    def final_model(self) -> nn.Module:
-        """The weights to evaluate: the best epoch's under early stopping, else the last."""
-        if self.state.best_weights is not None and self.state.status != "diverged":
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(self.state.best_weights)
-            return model
-        return self.model
-
     def metrics(self) -> dict:
         history = self.state.history
         last = history[-1] if history else {}

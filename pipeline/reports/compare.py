@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.engine.verdicts import FLAG_NAMES
 from pipeline.io import atomic_write_text, replace_dir
-from pipeline.reports.records import FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run
+from pipeline.reports.records import RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run
 from pipeline.specs.metrics import metric_mode
 
 LEADERBOARD = "leaderboard.csv"

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.engine.verdicts import FLAG_NAMES, HISTORY_FLAGS
 from pipeline.specs.metrics import Mode, metric_mode
 
-FLAG_NAMES = ("vanishing", "exploding", "dead_units", "unstable", "diverged")
-HISTORY_FLAGS = ("unstable", "diverged")  # judged from the loss history, so known even with diagnostics off
 SAMPLE_EPOCH = re.compile(r"epoch_(\d+)$")
 
 

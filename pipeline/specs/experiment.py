@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError, model_validator
 
 from models import MODEL_SPECS, ModelSpec
+from models.registry import spec_kind
 from models.base import StrictModel
 from pipeline.specs.errors import UserError, from_validation_error
 from pipeline.specs.metrics import Mode
@@ -146,15 +147,13 @@ class ExperimentSpec(StrictModel):
 
 def valid_pairs() -> str:
     """'kind: task, task; ...' for error messages, each family wording its own entry."""
-    return "; ".join(f"{cls.model_fields['kind'].annotation.__args__[0]}: {cls.describe_tasks()}"
-                     for cls in MODEL_SPECS)
+    return "; ".join(f"{spec_kind(cls)}: {cls.describe_tasks()}" for cls in MODEL_SPECS)
 
 
 def union_tags() -> frozenset[str]:
     """Discriminator values pydantic puts in error paths (model kinds, layer types), hidden from users."""
     tags: set[str] = set()
-    for cls in MODEL_SPECS:
-        tags.add(cls.model_fields["kind"].annotation.__args__[0])
+    tags.update(spec_kind(cls) for cls in MODEL_SPECS)
     from models.cnn import ConvLayer, DropoutLayer, NormLayer, PoolLayer
     for layer in (ConvLayer, PoolLayer, NormLayer, DropoutLayer):
         tags.add(layer.model_fields["type"].annotation.__args__[0])

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from models import registered_kinds
 from pipeline.engine.cost import count_flops, forward_flops, measure_cost, peak_cache_path, peak_flops, peak_key
 from pipeline.specs.experiment import ExperimentSpec
 from pipeline.engine.train import Trainer
@@ -121,7 +120,6 @@ def test_peak_flops_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert peak_flops(cpu) == 123.0  # read back, not measured again
 
 
-@pytest.mark.skipif("transformer" not in registered_kinds(), reason="the transformer family is not built yet")
 def test_a_seq2seq_transformer_is_counted_teacher_forced_with_its_attention(tmp_path):
     from pipeline.data.prepare import Prepared, build_arrays
     from pipeline.specs.datasets import SequenceSource

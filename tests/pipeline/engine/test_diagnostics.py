@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.data.prepare import Prepared
-from pipeline.engine.diagnostics import GradientMonitor, make_monitor, overfitting, unstable
+from pipeline.engine.diagnostics import GradientMonitor, make_monitor
+from pipeline.engine.verdicts import overfitting, unstable
 from pipeline.specs.experiment import DiagnosticsSpec, ExperimentSpec
 from models.contract import Model, Phase
 from pipeline.engine.train import Trainer, train_experiment
