@@ -25,7 +25,7 @@ from torch import nn
 from models.base import ArchitectureError
 from models.cnn import as_channels_first
 from models.contract import Model, ModelSpecBase
-from models.layers.recurrent import CellName, StackedRNN, State
+from models.layers.recurrent import STACKS, CellName, Impl, State
 from models.registry import DataShape, register
 
 Readout = Literal["last", "mean"]
@@ -61,10 +61,10 @@ class RecurrentNet(Model):
     """Sequence in, one prediction out (classification logits or regression values)."""
 
     def __init__(self, input_shape: tuple[int, ...], cell: CellName, hidden_size: int, num_layers: int,
-                 bidirectional: bool, dropout: float, readout: Readout, out_features: int):
+                 bidirectional: bool, dropout: float, readout: Readout, out_features: int, impl: Impl = "cells"):
         super().__init__()
         self.view = SequenceView(input_shape)
-        self.rnn = StackedRNN(cell, self.view.features, hidden_size, num_layers, bidirectional, dropout)
+        self.rnn = STACKS[impl](cell, self.view.features, hidden_size, num_layers, bidirectional, dropout)
         self.readout = readout
         self.head = nn.Linear(self.rnn.output_size, out_features)
 
@@ -81,10 +81,10 @@ class RecurrentLM(Model):
     """Language model: embed tokens (B, T), run the stack left to right, logits for the next token (B, T, V)."""
 
     def __init__(self, vocab_size: int, embed_dim: int, cell: CellName, hidden_size: int, num_layers: int,
-                 dropout: float):
+                 dropout: float, impl: Impl = "cells"):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.rnn = StackedRNN(cell, embed_dim, hidden_size, num_layers, bidirectional=False, dropout=dropout)
+        self.rnn = STACKS[impl](cell, embed_dim, hidden_size, num_layers, bidirectional=False, dropout=dropout)
         self.head = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, tokens: torch.Tensor, states: list[State] | None = None) -> torch.Tensor:
@@ -138,6 +138,10 @@ class RNNSpec(ModelSpecBase):
     readout: Readout = Field(default="last", description="What classify/regress read: the last hidden state, or "
                              "the mean of the top layer's outputs over time. Not used by lm.")
     embed_dim: PositiveInt = Field(default=64, description="Token embedding size (token data, i.e. lm, only).")
+    impl: Impl = Field(default="cells", description="cells: the textbook cells of models/layers/recurrent.py, one "
+                       "op per gate (readable, the default); torch: torch.nn's fused RNN/LSTM/GRU kernels, same "
+                       "initialisation (much faster for small LSTMs and RNNs on the CPU; see bench/"
+                       "bench_recurrent.py).")
 
     def served_tasks(self) -> frozenset[str]:
         return self.tasks - {"lm"} if self.bidirectional else self.tasks
@@ -155,7 +159,7 @@ def build_rnn(spec: RNNSpec, shape: DataShape) -> nn.Module:
             raise ArchitectureError("model.bidirectional", "a language model reads left to right only; "
                                     "set bidirectional: false")
         return RecurrentLM(vocab_size=shape.vocab_size, embed_dim=spec.embed_dim, cell=spec.cell,
-                           hidden_size=spec.hidden_size, num_layers=spec.layers, dropout=spec.dropout)
+                           hidden_size=spec.hidden_size, num_layers=spec.layers, dropout=spec.dropout, impl=spec.impl)
     return RecurrentNet(input_shape=shape.input_shape, cell=spec.cell, hidden_size=spec.hidden_size,
                         num_layers=spec.layers, bidirectional=spec.bidirectional, dropout=spec.dropout,
-                        readout=spec.readout, out_features=shape.output_size)
+                        readout=spec.readout, out_features=shape.output_size, impl=spec.impl)

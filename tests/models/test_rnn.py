@@ -2,6 +2,8 @@
 sampling and causality, a few training steps, and spec checks."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models import build_model
 from models.base import ArchitectureError
-from models.layers.recurrent import StackedRNN
+from models.layers.recurrent import STACKS, FusedRNN, StackedRNN
 from models.registry import DataShape
 from models.rnn import RecurrentLM, RecurrentNet, RNNSpec, SequenceView
 from pipeline.cli import main
@@ -314,3 +316,52 @@ def test_a_bidirectional_rnn_cannot_model_language(project, capsys):
     err = validate_error(write_spec(project, "corpus", "lm", ", bidirectional: true"), capsys)
     assert "model kind 'rnn' cannot serve task 'lm' as configured (it serves classify, regress)" in err, err
     assert "Valid pairs:" in err and "rnn: classify, regress, lm (lm unidirectional only)" in err, err
+
+
+# ── impl: torch (the fused stack) ────────────────────────────────────────────
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_fused_stack_computes_what_the_cells_compute(cell, bidirectional):
+    fused = FusedRNN(cell, 3, 5, num_layers=2, bidirectional=bidirectional)
+    cells = StackedRNN(cell, 3, 5, 2, bidirectional)
+    copy_torch_weights(cells, fused.rnn)
+    x = torch.randn(4, 7, 3)
+    out_f, finals_f = fused(x)
+    out_c, finals_c = cells(x)
+    torch.testing.assert_close(out_f, out_c, rtol=1e-5, atol=1e-6)
+    assert len(finals_f) == len(finals_c) == 2 * (2 if bidirectional else 1)
+    for f, c in zip(finals_f, finals_c):
+        assert len(f) == len(c)  # (h,) or (h, c) per layer and direction, as the cells give them
+        for a, b in zip(f, c):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_stack_continues_from_given_states_like_the_cells():
+    fused, cells = FusedRNN("lstm", 3, 5, num_layers=2), StackedRNN("lstm", 3, 5, 2)
+    copy_torch_weights(cells, fused.rnn)
+    x = torch.randn(2, 6, 3)
+    _, states = cells(x[:, :4])
+    torch.testing.assert_close(fused(x[:, 4:], states)[0], cells(x[:, 4:], states)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_lstm_starts_with_its_forget_gate_open_as_the_cells_do():
+    torch.manual_seed(0)
+    fused = FusedRNN("lstm", 3, 64)
+    bias = fused.rnn.bias_ih_l0.detach()
+    bound = 1 / math.sqrt(64)
+    assert (bias[64:128] >= 1 - bound).all() and (bias[64:128] <= 1 + bound).all()  # forget part shifted by +1
+    assert bias[:64].abs().max() <= bound and bias[128:].abs().max() <= bound
+
+
+def test_the_fused_stack_refuses_a_padding_mask():
+    with pytest.raises(ValueError, match="no padding mask"):
+        FusedRNN("gru", 3, 4)(torch.randn(2, 5, 3), mask=torch.ones(2, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("impl", ["cells", "torch"])
+def test_both_impls_build_from_a_spec_and_train(impl):
+    model = build_model(spec(impl=impl, cell="lstm"), DataShape(input_shape=(12,), output_size=3))
+    assert isinstance(model.rnn, STACKS[impl])
+    (phase,) = make_task("classify").phases(model)
+    losses = fit_losses(model, phase, torch.randn(32, 12), torch.randint(0, 3, (32,)), steps=20, lr=0.01)
+    assert losses[-1] < losses[0]
