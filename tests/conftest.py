@@ -46,13 +46,13 @@ def tiny_classification(n: int = 96, features: int = 8, classes: int = 3, seed: 
     return Prepared(meta=meta, tensors=tensors)
 
 
-def tiny_project(folder: Path, specs: list[dict]) -> Path:
+def tiny_project(folder: Path, specs: list[dict], n: int = 96) -> Path:
     """A project folder: tiny prepared data (dataset `tiny`), the given experiment specs in specs/, the
     repo's params.yaml and schema. What one machine of a multi-machine test holds."""
     import yaml
 
     from pipeline.data.prepare import write_prepared
-    data = tiny_classification(n=96, features=8)
+    data = tiny_classification(n=n, features=8)
     write_prepared({k: v.numpy() for k, v in data.tensors.items()}, data.meta, folder / "data" / "prepared" / "tiny")
     (folder / "specs" / "sweeps").mkdir(parents=True)
     shutil.copy(REPO / "specs" / "schema.json", folder / "specs" / "schema.json")
