@@ -119,6 +119,15 @@ class Ranks:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
 
+    def gather(self, obj) -> list:
+        """Every rank's object, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def from_main(self, obj):
         """Rank 0's object on every rank (a checkpoint, an epoch's row)."""
         if not self.active:
@@ -152,11 +161,13 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def add_rank_figures(cost: dict, ranks: Ranks) -> dict:
-    """Cost of a data-parallel run: throughput in total and per rank; MFU against the peak of all ranks."""
+def add_rank_figures(cost: dict, ranks: Ranks, train_times: list[float]) -> dict:
+    """Cost of a data-parallel run: throughput in total and per rank, each rank's training time (a straggler
+    shows), MFU against the peak of all ranks."""
     total = cost.get("train_samples_per_s")
     out = {**cost, "world_size": ranks.world,
-           "train_samples_per_s_per_rank": total / ranks.world if total else None}
+           "train_samples_per_s_per_rank": total / ranks.world if total else None,
+           "train_time_s_per_rank": [round(t, 3) for t in train_times]}
     if cost.get("mfu") is not None:
         out["mfu"] = cost["mfu"] / ranks.world
     return out

@@ -449,11 +449,12 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
     metrics = trainer.run()
+    train_times = trainer.ranks.gather(trainer.state.train_time_s)  # every rank joins, before rank 0 goes on
     if not trainer.ranks.is_main:
         return metrics
     cost = measure_cost(trainer, metrics)
     if trainer.ranks.active:
-        cost = distributed.add_rank_figures(cost, trainer.ranks)
+        cost = distributed.add_rank_figures(cost, trainer.ranks, train_times)
     atomic_write_json(run_dir / "cost.json", cost)
     if trainer.tracker is not None:
         tracker = trainer.tracker

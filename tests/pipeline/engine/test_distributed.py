@@ -57,6 +57,8 @@ def test_two_ranks_train_like_one_process_and_resume_after_a_kill(tmp_path, monk
     cost = pd.read_json(project / "runs/two/cost.json", typ="series")
     assert cost["world_size"] == 2 and cost["train_samples_per_s_per_rank"] * 2 == pytest.approx(
         cost["train_samples_per_s"], rel=1e-3)
+    assert len(cost["train_time_s_per_rank"]) == 2 and cost["train_time_s_per_rank"][0] == pytest.approx(
+        cost["train_time_s"], rel=1e-3)
 
     killed = project / "runs/killed"
     kill_mid_run([sys.executable, "-m", "pipeline.cli", *ARGS, "--out", str(killed), "--nproc", "2"],
