@@ -125,10 +125,15 @@ def _hammer(url: str, study_name: str, trials: int, steps: int, out) -> None:
 
 
 def stress_storage(kind: str, procs: int, trials: int, steps: int, folder: Path) -> dict:
+    url = str(folder / f"stress-{procs}.journal") if kind == "journal" else f"sqlite:///{folder}/stress-{procs}.db"
+    return {"storage": kind, **stress_url(url, procs, trials, steps)}
+
+
+def stress_url(url: str, procs: int, trials: int, steps: int) -> dict:
+    """`procs` processes each run `trials` empty trials on one new study in `url`."""
     import optuna
 
     from pipeline.sweeps.study import open_storage
-    url = str(folder / f"stress-{procs}.journal") if kind == "journal" else f"sqlite:///{folder}/stress-{procs}.db"
     optuna.create_study(study_name="stress", storage=open_storage(url), direction="maximize")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -142,7 +147,7 @@ def stress_storage(kind: str, procs: int, trials: int, steps: int, folder: Path)
     wall = time.perf_counter() - start
     study = optuna.load_study(study_name="stress", storage=open_storage(url))
     stored = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
-    return {"storage": kind, "procs": procs, "wall_s": round(wall, 1), "trials_done": sum(r["done"] for r in results),
+    return {"procs": procs, "wall_s": round(wall, 1), "trials_done": sum(r["done"] for r in results),
             "trials_stored": stored, "errors": sum(r["errors"] for r in results),
             "trials_per_s": round(stored / wall, 1),
             "first_error": next((r["first_error"] for r in results if r["first_error"]), "")}

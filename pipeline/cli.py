@@ -5,6 +5,8 @@ User mistakes end in `file: field: message` on stderr and exit status 2, without
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,15 +55,40 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def torchrun_command(args) -> list[str]:
+    """`archlab train ... --nproc N` is `torchrun --standalone --nproc-per-node N -m pipeline.cli train ...`."""
+    rest = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value for flag in (flag, value)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+            "-m", "pipeline.cli", "--params", args.params, "train", args.spec, *rest,
+            *(["--no-track"] if args.no_track else [])]
+
+
+def launch_ranks(args) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # the ranks share the cores
+    return subprocess.call(torchrun_command(args), env=env)
+
+
 def cmd_train(args) -> int:
+    from pipeline.engine.distributed import is_main_process, launched_by_torchrun, stop
     from pipeline.engine.train import train_experiment
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
+    if args.nproc < 1:
+        raise UserError(None, f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and launched_by_torchrun():
+        raise UserError(None, "--nproc: this is already a torchrun rank; use torchrun's --nproc-per-node alone")
     config = _config(args)
     spec = load_spec(args.spec)
-    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
+    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)  # once, not per rank
+    if args.nproc > 1:
+        return launch_ranks(args)
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
-    metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
+    try:
+        metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
+    finally:
+        stop()  # leave the process group, if torchrun started this process
+    if not is_main_process():
+        return 0  # rank 0 reports
     final = metrics["final"].get(f"val/{metrics['main_metric']}")
     print(f"{spec.name}: {metrics['status']} after {metrics['epochs']} epochs, val/{metrics['main_metric']}="
           f"{final if final is None else round(final, 4)}, {metrics['train_time_s']:.1f}s → {run_dir}")
@@ -154,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
     p.add_argument("--out", help="run folder (default: runs/NAME)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun; "
+                                                       "several machines: torchrun -m pipeline.cli train ...)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on the test split")
@@ -191,8 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.engine.distributed import launched_by_torchrun
     args = build_parser().parse_args(argv)
     try:
+        if args.verb != "train" and launched_by_torchrun():
+            raise UserError(None, f"only `archlab train` runs under torchrun; run `archlab {args.verb}` as one process")
         return args.func(args)
     except UserError as err:
         print(f"archlab: error: {err}", file=sys.stderr)

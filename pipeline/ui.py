@@ -12,6 +12,9 @@ def ui_command(uri: str, port: int) -> list[str]:
 
 
 def run_ui(uri: str, port: int = 5000) -> int:
+    if uri.startswith(("http://", "https://")):  # a shared tracking server serves its own UI
+        print(f"the tracking URI is a server: open {uri} (archlab ui serves a local store)", file=sys.stderr)
+        return 0
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     print(f"MLflow UI on http://127.0.0.1:{port} (store: {uri}); Ctrl-C stops it", file=sys.stderr)
     try:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -43,6 +44,22 @@ def tiny_classification(n: int = 96, features: int = 8, classes: int = 3, seed: 
             "output_size": classes, "num_classes": classes, "classes": [str(i) for i in range(classes)],
             "sizes": {p: len(tensors[f"{p}_x"]) for p in ("train", "val", "test")}, "normalisation": {}}
     return Prepared(meta=meta, tensors=tensors)
+
+
+def tiny_project(folder: Path, specs: list[dict], n: int = 96) -> Path:
+    """A project folder: tiny prepared data (dataset `tiny`), the given experiment specs in specs/, the
+    repo's params.yaml and schema. What one machine of a multi-machine test holds."""
+    import yaml
+
+    from pipeline.data.prepare import write_prepared
+    data = tiny_classification(n=n, features=8)
+    write_prepared({k: v.numpy() for k, v in data.tensors.items()}, data.meta, folder / "data" / "prepared" / "tiny")
+    (folder / "specs" / "sweeps").mkdir(parents=True)
+    shutil.copy(REPO / "specs" / "schema.json", folder / "specs" / "schema.json")
+    for spec in specs:
+        (folder / "specs" / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(REPO / "params.yaml", folder / "params.yaml")
+    return folder
 
 
 @pytest.fixture
@@ -139,3 +156,38 @@ def free_port() -> int:
 
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """One throwaway PostgreSQL server for the session (tests/pg.py); skips, saying why, if none can start."""
+    from tests.pg import NoPostgres, postgres_server
+    try:
+        with postgres_server() as url:
+            yield url
+    except NoPostgres as why:
+        pytest.skip(f"no PostgreSQL server could be started: {why}")
+
+
+@pytest.fixture
+def postgres_db(postgres_server_url, request) -> str:
+    """A fresh database of its own for this test → its URL (postgresql+psycopg://...)."""
+    from tests.pg import create_database
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40]
+    return create_database(postgres_server_url, f"{name}_{os.getpid()}")
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres_server_url, tmp_path_factory) -> Iterator[str]:
+    """A real `mlflow server` on loopback for the session: PostgreSQL backend store, artifact proxy onto a
+    temporary folder, one worker, no job runner → its http:// URL (what MLFLOW_TRACKING_URI takes)."""
+    from tests.pg import create_database
+    store = create_database(postgres_server_url, f"mlflow_{os.getpid()}")
+    artifacts, port = tmp_path_factory.mktemp("mlartifacts"), free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
+           str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    url = f"http://127.0.0.1:{port}"
+    with serving(cmd, env=env) as ask:
+        ask(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+        yield url

@@ -24,6 +24,7 @@ from torch import nn
 from models import build_model
 from models.contract import Phase
 from pipeline.data.prepare import Prepared
+from pipeline.engine import distributed
 from pipeline.engine.diagnostics import make_monitor
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
@@ -105,15 +106,16 @@ def accumulate(total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> dict:
-    """A task's metrics over a whole split, in eval mode."""
+def evaluate_split(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+                   reduce: Callable[[dict], dict] | None = None) -> dict:
+    """A task's metrics over a whole split, in eval mode; `reduce` sums the statistics of ranks holding parts."""
     was_training = model.training
     model.eval()
     total: dict[str, torch.Tensor] = {}
     for i in range(0, len(x), batch_size):
         accumulate(total, task.eval_stats(model, x[i:i + batch_size], y[i:i + batch_size]))
     model.train(was_training)
-    return task.summarize(read_stats(total))
+    return task.summarize(read_stats(reduce(total) if reduce else total))
 
 
 class Progress:
@@ -174,7 +176,8 @@ class Trainer:
         self.tracker: Tracker | None = None
         self.callbacks = callbacks or []
         self.show_progress = progress
-        self.device = pick_device(spec.train.device)
+        self.ranks, rank_device = distributed.start(spec.train.device)  # one rank of 1 unless under torchrun
+        self.device = rank_device or pick_device(spec.train.device)
         seed_everything(spec.train.seed, spec.train.deterministic)
         self.task = make_task(spec.task, data.meta)
         self.model = build_model(spec.model, data.shape).to(self.device)
@@ -214,15 +217,17 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        atomic_torch_save(self.run_dir / CHECKPOINT, self.checkpoint())
+        if self.ranks.is_main:
+            atomic_torch_save(self.run_dir / CHECKPOINT, self.checkpoint())
 
     def try_resume(self) -> bool:
         """Load runs/NAME/checkpoint.pt if it belongs to this very spec; a changed spec starts afresh."""
         path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        if ckpt.get("spec_hash") != self.spec.spec_hash():
+        # Ranks load rank 0's copy: on several machines only rank 0's holds the run folder.
+        found = self.ranks.is_main and path.is_file()
+        where = "cpu" if self.ranks.active else self.device
+        ckpt = self.ranks.from_main(torch.load(path, map_location=where, weights_only=True) if found else None)
+        if ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash():
             return False
         self.model.load_state_dict(ckpt["model"])
         for opt, s in zip(self.optimizers, ckpt["optimizers"]):
@@ -253,20 +258,23 @@ class Trainer:
             x, y = self.train_x[idx], self.train_y[idx]
             if x.is_floating_point() and (aug.noise_std > 0 or aug.max_shift > 0):
                 x = augment(x, aug.noise_std, aug.max_shift)
+            x, y, weight = self.ranks.shard(x, y)  # the global batch, then this rank's part of it
             for phase, opt in zip(self.phases, self.optimizers):
                 opt.zero_grad(set_to_none=True)
-                loss, stats = phase.loss(self.model, x, y)
+                loss, stats = self.ranks.weigh(*phase.loss(self.model, x, y), weight)
                 loss.backward()
+                self.ranks.average_gradients(phase.params)
                 self.monitor.after_backward(phase.name)
                 if clip:
                     nn.utils.clip_grad_norm_(phase.params, clip, foreach=True)
                 opt.step()
                 accumulate(total, {f"{phase.name}:{k}" if len(self.phases) > 1 else k: v for k, v in stats.items()})
             self.monitor.after_step()
+            self.ranks.sync_buffers(self.model)
             for sch in self.schedulers:
                 sch.step()
             self.state.step += 1
-        return self._summarize_train(read_stats(total))
+        return self._summarize_train(read_stats(self.ranks.sum_stats(total)))
 
     def _summarize_train(self, stats: dict) -> dict[str, float]:
         if len(self.phases) == 1:
@@ -286,10 +294,11 @@ class Trainer:
         resumed = self.try_resume()
         if resumed and self.state.status != "running":
             return self.write_outputs()  # already finished: outputs are rewritten, nothing retrained
-        if self.open_tracker is not None:
+        if self.open_tracker is not None and self.ranks.is_main:
             self.tracker = self.open_tracker(self.state.run_id)
             self.state.run_id = self.tracker.run_id
-        progress = Progress(spec.name, spec.train.epochs, self.state.epoch) if self.show_progress else None
+        shown = self.show_progress and self.ranks.is_main
+        progress = Progress(spec.name, spec.train.epochs, self.state.epoch) if shown else None
         es = spec.train.early_stopping
         monitor_key = es.monitor if es else f"val/{self.task.metric}"
         mode = es.mode if es else self.task.mode
@@ -302,7 +311,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 epoch_time = time.perf_counter() - t0
                 self.state.train_time_s += epoch_time
-                val_metrics = evaluate_split(self.model, self.task, self.val_x, self.val_y)
+                val_metrics = self.validate()
                 self.state.epoch += 1
                 row = {"epoch": self.state.epoch, "step": self.state.step,
                        **{f"train/{k}": v for k, v in train_metrics.items()},
@@ -310,7 +319,9 @@ class Trainer:
                        "lr": self.schedulers[0].get_last_lr()[0], "epoch_time_s": epoch_time}
                 row.update(self.monitor.end_epoch(self.state.epoch))
                 # Tasks with per-epoch artifacts (sample grids, sampled text) write them here.
-                row.update(self.task.end_epoch(self.model, self.state.epoch, self.run_dir, self.data))
+                if self.ranks.is_main:
+                    row.update(self.task.end_epoch(self.model, self.state.epoch, self.run_dir, self.data))
+                row = self.ranks.from_main(row)  # every rank takes rank 0's decisions
                 self.state.history.append(row)
                 diverged = not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss"))
                 value = row.get(monitor_key, float("nan"))
@@ -347,6 +358,12 @@ class Trainer:
                 progress.close()
         return self.write_outputs()
 
+    def validate(self) -> dict[str, float]:
+        part = self.ranks.part(self.val_x, self.val_y)
+        if part is None:  # a split too small to share: every rank evaluates all of it
+            return evaluate_split(self.model, self.task, self.val_x, self.val_y)
+        return evaluate_split(self.model, self.task, *part, reduce=self.ranks.sum_stats)
+
     # outputs -------------------------------------------------------------------
     def metrics(self) -> dict:
         history = self.state.history
@@ -373,6 +390,8 @@ class Trainer:
 
     def write_outputs(self) -> dict:
         metrics = self.metrics()
+        if not self.ranks.is_main:
+            return metrics
         atomic_write_text(self.run_dir / "history.csv", history_csv(self.state.history))
         atomic_write_json(self.run_dir / "metrics.json", metrics)
         diagnostics = self.monitor.summary(self.state.history, self.spec.diagnostics, metrics)  # reads status, metric
@@ -421,7 +440,12 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
     metrics = trainer.run()
+    train_times = trainer.ranks.gather(trainer.state.train_time_s)  # every rank joins, before rank 0 goes on
+    if not trainer.ranks.is_main:
+        return metrics
     cost = measure_cost(trainer, metrics)
+    if trainer.ranks.active:
+        cost = distributed.add_rank_figures(cost, trainer.ranks, train_times)
     atomic_write_json(run_dir / "cost.json", cost)
     if trainer.tracker is not None:
         tracker = trainer.tracker

@@ -50,6 +50,10 @@ def open_storage(url: str):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             # Wait for the write lock instead of failing after SQLite's default 5 s.
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        from pipeline.sweeps.dblock import SERVER_SCHEMES, server_lock
+        if url.startswith(SERVER_SCHEMES):
+            with server_lock(url, "archlab-optuna-tables"):  # hosts starting at once race to create the tables
+                return optuna.storages.RDBStorage(url)
         return optuna.storages.RDBStorage(url)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     Path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,7 @@ def lock_path(url: str) -> Path | None:
     if url.startswith("sqlite:///"):
         return Path(url.removeprefix("sqlite:///") + ".sweep-lock")
     if url.startswith(RDB_SCHEMES):
-        return None  # a server: workers on other machines cannot share a file lock (the budget may overshoot)
+        return None  # a server: no shared disk; budget_lock holds a lock in the server instead
     return Path(url + ".sweep-lock")
 
 
@@ -78,6 +82,15 @@ def file_lock(path: Path | None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def budget_lock(url: str, study_name: str):
+    """Makes 'count the budget, then ask a trial' atomic for every worker of the study: a lock in the database
+    server for PostgreSQL/MySQL (workers on several machines), else a file lock beside the local storage."""
+    from pipeline.sweeps.dblock import SERVER_SCHEMES, server_lock
+    if url.startswith(SERVER_SCHEMES):
+        return server_lock(url, f"archlab-sweep:{study_name}")
+    return file_lock(lock_path(url))
 
 
 class _SameCandidate:
@@ -264,11 +277,10 @@ def run_worker(job: SweepJob) -> int:
     sweep = load_sweep(job.sweep_path, job.specs_dir)
     data = load_prepared(job.data_dir)
     study = _load_study(job, sweep)
-    lock = lock_path(job.storage_url)
     host, pid = socket.gethostname(), os.getpid()
     ran = 0
     while True:
-        with file_lock(lock):
+        with budget_lock(job.storage_url, job.study_name):
             recover_interrupted(study)
             if not _budget_left(study, sweep, job):
                 break
@@ -374,6 +386,23 @@ class ChildRun:
                                                 f"tags.`sweep.trial` = '{self.trial.number}'")
         return runs[0].info.run_id if runs else None
 
+    def close_interrupted(self, study, root: int) -> None:
+        """A retry closes the runs its interrupted predecessors left RUNNING (their worker died unseen) as KILLED.
+        Resuming the checkpoint on the same machine reopens its run; on another machine the retry starts afresh."""
+        from optuna.trial import TrialState
+        from mlflow.tracking import MlflowClient
+        lost = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if t.user_attrs.get("interrupted") and int(t.user_attrs.get("retry_of", t.number)) == root}
+        client = MlflowClient(tracking_uri=self.job.tracking_uri)
+        exp = client.get_experiment_by_name(mlflow_experiment(self.sweep.name))
+        if not lost or exp is None:
+            return
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.study` = "
+                                      f"'{self.job.study_name}' and attributes.status = 'RUNNING'"):
+            if run.data.tags.get("sweep.trial") in lost:
+                client.set_tag(run.info.run_id, "state", "interrupted")
+                client.set_terminated(run.info.run_id, status="KILLED")
+
     def finish(self, run_id: str | None, state: str, reason: str | None = None, rows: list[dict] | None = None,
                from_epoch: int = 0, values: dict[str, Any] | None = None) -> None:
         """Tag the run with its state; a pruned run gets the epochs its trainer had not flushed yet."""
@@ -420,6 +449,8 @@ def run_trial(study, trial, sweep: Sweep, data, job: SweepJob) -> None:
     trial.set_user_attr("kind", sweep.bases[candidate].model.kind)
     trial.set_user_attr("run_dir", str(run_dir))
     child = ChildRun(job, sweep, trial, candidate, name)
+    if child.enabled and "retry_of" in trial.user_attrs:
+        child.close_interrupted(study, root)
     try:
         spec = build_trial_spec(sweep, candidate, values, name,
                                 f"Sweep {sweep.name}, trial {root}: candidate {candidate}.")
@@ -580,13 +611,13 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
     data = load_prepared(data_dir)
     preflight(sweep, data)
     study = open_study(sweep, storage_url, sweep.spec.seed)
-    with file_lock(lock_path(storage_url)):
+    with budget_lock(storage_url, sweep.study_name):
         recovered = recover_interrupted(study)
         if sweep.spec.sampler.name == "grid":
             for point in grid_points(sweep):
                 study.enqueue_trial(point, skip_if_exists=True)
+        parent = _parent_run(sweep, study, tracking_uri)  # under the lock: hosts starting at once share one
     before = trials_used(study)
-    parent = _parent_run(sweep, study, tracking_uri)
     deadline = time.time() + sweep.spec.budget.timeout_s if sweep.spec.budget.timeout_s else None
     threads = max(1, available_cores() // workers)
     jobs = [SweepJob(sweep_path=str(sweep.path), specs_dir=str(specs_dir), storage_url=storage_url,

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pipeline.engine.train import train_experiment
-from pipeline.ui import ui_command
+from pipeline.ui import run_ui, ui_command
 from tests.conftest import free_port, serving, tiny_classification
 from tests.pipeline.engine.test_tracking import spec
 
@@ -17,6 +17,11 @@ pytestmark = pytest.mark.slow
 def test_ui_binds_loopback_with_one_worker():
     cmd = ui_command("sqlite:///x.db", 5000)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
+
+
+def test_ui_points_at_a_tracking_server_instead_of_serving_it_again(capsys):
+    assert run_ui("http://10.0.0.5:5000") == 0
+    assert "open http://10.0.0.5:5000" in capsys.readouterr().err
 
 
 def test_ui_shows_the_runs_of_the_store(tmp_path):

@@ -17,12 +17,11 @@ import yaml
 from optuna.trial import TrialState
 
 from pipeline.cli import main
-from pipeline.data.prepare import write_prepared
 from pipeline.specs.experiment import load_spec
 from pipeline.sweeps.study import default_storage_url, open_storage, open_study, run_sweep, trials_used
 from pipeline.specs.sweep import Sweep, load_sweep, parse_path
 from pipeline.engine.train import train_experiment
-from tests.conftest import REPO, free_port, serving, tiny_classification
+from tests.conftest import REPO, free_port, serving, tiny_project
 
 MLP = {"name": "tiny_mlp", "data": {"dataset": "tiny"}, "task": "classify",
        "model": {"kind": "mlp", "hidden": [16]},
@@ -52,14 +51,7 @@ def sweep_dict(name="tiny_sweep", **overrides) -> dict:
 @pytest.fixture
 def lab(tmp_path, monkeypatch) -> Path:
     """A project folder: tiny prepared data, two candidate specs, the repo's params.yaml; the working directory."""
-    data = tiny_classification(n=96, features=8)
-    arrays = {k: v.numpy() for k, v in data.tensors.items()}
-    write_prepared(arrays, data.meta, tmp_path / "data" / "prepared" / "tiny")
-    (tmp_path / "specs" / "sweeps").mkdir(parents=True)
-    (tmp_path / "specs" / "schema.json").write_text((REPO / "specs" / "schema.json").read_text())
-    for spec in (MLP, CNN):
-        (tmp_path / "specs" / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    tiny_project(tmp_path, [MLP, CNN])
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path

@@ -1,0 +1,93 @@
+"""Data-parallel training under torchrun (gloo on this CPU): two ranks sharing each global batch train the model
+one process trains, and a two-rank run killed with SIGKILL resumes to the end a straight run reaches."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.engine.distributed import Ranks
+from tests.conftest import REPO, tiny_project
+
+# No dropout, no batch norm: two ranks then compute what one process computes, up to summation order.
+SPEC = {"name": "dp_mlp", "data": {"dataset": "tiny"}, "task": "classify", "model": {"kind": "mlp", "hidden": [16]},
+        "train": {"epochs": 40, "batch_size": 32, "seed": 3, "checkpoint_every_s": 0,
+                  "optimizer": {"name": "adamw", "lr": 0.01}}}
+ARGS = ["train", "specs/dp_mlp.yaml", "--no-track"]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def losses(run_dir) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "history.csv")[["epoch", "train/loss", "val/loss", "val/accuracy"]]
+
+
+def kill_mid_run(cmd: list[str], checkpoint) -> None:
+    """Start torchrun and its ranks, SIGKILL them all once an epoch is checkpointed."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoint.is_file() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one_process_and_resume_after_a_kill(tmp_path, monkeypatch):
+    project = tiny_project(tmp_path, [SPEC], n=89)  # batches of 32, 32, 25: the last splits 12 / 13
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    assert main([*ARGS, "--out", "runs/one"]) == 0  # this process: 1 thread (tests/conftest.py)
+    assert main([*ARGS, "--out", "runs/two", "--nproc", "2"]) == 0
+
+    one, two = losses(project / "runs/one"), losses(project / "runs/two")
+    assert len(one) == len(two) == 40
+    assert (one - two).abs().max().max() <= 1e-5
+    w1, w2 = weights(project / "runs/one"), weights(project / "runs/two")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4, rtol=0) for k in w1)
+    cost = pd.read_json(project / "runs/two/cost.json", typ="series")
+    assert cost["world_size"] == 2 and cost["train_samples_per_s_per_rank"] * 2 == pytest.approx(
+        cost["train_samples_per_s"], rel=1e-3)
+    assert len(cost["train_time_s_per_rank"]) == 2 and cost["train_time_s_per_rank"][0] == pytest.approx(
+        cost["train_time_s"], rel=1e-3)
+
+    killed = project / "runs/killed"
+    kill_mid_run([sys.executable, "-m", "pipeline.cli", *ARGS, "--out", str(killed), "--nproc", "2"],
+                 killed / "checkpoint.pt")
+    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["epoch"]
+    assert 1 <= stopped_at < 40, "the run was not stopped mid-way"
+    assert main([*ARGS, "--out", str(killed), "--nproc", "2"]) == 0
+    assert losses(killed).equals(two)
+    resumed = weights(killed)
+    assert all(torch.equal(resumed[k], w2[k]) for k in w2)
+
+
+def test_every_sample_of_a_global_batch_goes_to_exactly_one_rank_with_its_share():
+    x, y = torch.arange(25.0).reshape(25, 1), torch.arange(25)
+    parts = [Ranks(rank, 2).shard(x, y) for rank in range(2)]
+    assert torch.cat([p[1] for p in parts]).tolist() == list(range(25))
+    assert [p[2] for p in parts] == [12 * 2 / 25, 13 * 2 / 25]  # weighted: the mean of the ranks = global mean
+    lone = [Ranks(rank, 4).shard(x[:2], y[:2]) for rank in range(4)]
+    assert [p[2] for p in lone] == [0.0, 1 * 4 / 2, 0.0, 1 * 4 / 2]  # an empty rank joins with weight 0
+
+
+def test_only_train_runs_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["compare"]) == 2
+    assert capsys.readouterr().err.strip() == ("archlab: error: only `archlab train` runs under torchrun; "
+                                               "run `archlab compare` as one process")
+
+
+def test_nproc_inside_a_torchrun_rank_is_refused(monkeypatch, project, capsys):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert main(["train", "specs/digits_mlp.yaml", "--nproc", "2", "--no-track"]) == 2
+    assert "already a torchrun rank" in capsys.readouterr().err
