@@ -6,6 +6,7 @@ reports/
   comparison.html      the same, one self-contained file (figures inlined)
   figures/*.png        learning curves, gaps, gradient heatmaps, Pareto plots, confusion, samples
   plots/*.json         long-format data for `dvc plots show/diff` (learning curves, gradient norms)
+  scores/NAME.json     numbers only, the same keys for every experiment: `dvc metrics show/diff`, `dvc exp show`
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ COMPARISON_MD = "comparison.md"
 COMPARISON_HTML = "comparison.html"
 FIGURES = "figures"
 PLOTS = "plots"
+SCORES = "scores"
+# leaderboard column → key in scores/NAME.json. The gaps are validation minus training at the final epoch.
+SCORE_KEYS = {"test_metric": "test_metric", "val_metric": "val_metric", "gap_metric_final": "gap_metric",
+              "gap_loss_final": "gap_loss", "params": "params", "flops_forward_per_sample": "flops",
+              "train_time_s": "train_time_s", "epochs": "epochs", "best_epoch": "best_epoch"}
+MODEL_NAME_PREFIX = "archlab"  # registered model names: archlab-DATASET-TASK
+CHAMPION = "champion"
 MLFLOW_EXPERIMENT = "archlab/compare"
 
 FLAG_MEANINGS = {
@@ -269,7 +277,64 @@ def write_plot_data(records: list[RunRecord], out_dir: Path) -> None:
         atomic_write_text(folder / name, json.dumps(points, separators=(",", ":")) + "\n")
 
 
+# ── DVC metrics ──────────────────────────────────────────────────────────────
+def score_record(row: dict) -> dict[str, float]:
+    """One experiment's numbers for DVC: no names, ids or text (those are in the leaderboard and reports)."""
+    return {key: row[column] for column, key in SCORE_KEYS.items() if finite(row.get(column)) is not None}
+
+
+def write_scores(records: list[RunRecord], out_dir: Path) -> None:
+    def fill(folder: Path) -> None:
+        for r in records:
+            (folder / f"{r.name}.json").write_text(json.dumps(score_record(leaderboard_row(r)), indent=1) + "\n")
+    replace_dir(out_dir / SCORES, fill)  # swapped in whole: a dropped experiment's file does not linger
+
+
 # ── MLflow ───────────────────────────────────────────────────────────────────
+def registered_model_name(dataset: str, task: str) -> str:
+    return f"{MODEL_NAME_PREFIX}-{dataset}-{task}"
+
+
+def register_champions(tracking_uri: str, records: list[RunRecord]) -> dict[str, str]:
+    """Register each dataset/task group's best model (the first of its ranked leaderboard that has an MLflow
+    model) and point the alias `champion` at it; returns {registered name: version}."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    champions = {}
+    for (dataset, task), members in group_by_dataset_task(records):
+        for r in members:
+            run_id = r.metrics.get("mlflow_run_id")
+            if r.test_value is None or not run_id or not _has_model(client, run_id):
+                continue
+            name = registered_model_name(dataset, task)
+            try:
+                version = _version_of(client, name, run_id) or mlflow.register_model(
+                    f"runs:/{run_id}/model", name, tags={"experiment": r.name}).version
+            except MlflowException:
+                continue  # a run from another store: the next in rank
+            client.set_registered_model_alias(name, CHAMPION, version)
+            champions[name] = str(version)
+            break
+    return champions
+
+
+def _has_model(client, run_id: str) -> bool:
+    try:
+        return bool(client.get_run(run_id).outputs.model_outputs)
+    except Exception:  # noqa: BLE001 - a run id from another store or a deleted run
+        return False
+
+
+def _version_of(client, name: str, run_id: str) -> str | None:
+    """The version already registered from this run (a rerun of compare registers nothing twice)."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return version.version
+    return None
+
+
 def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.DataFrame) -> str:
     """Log the report files as artifacts of a new `compare` run; returns its run id."""
     from pipeline.engine.tracking import Tracker
@@ -316,9 +381,11 @@ def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str |
     replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder)))
     report = holder["report"]
     write_plot_data(records, out_dir)
+    write_scores(records, out_dir)
     atomic_write_text(out_dir / LEADERBOARD, frame.to_csv(index=False))
     atomic_write_text(out_dir / COMPARISON_MD, render_markdown(report))
     atomic_write_text(out_dir / COMPARISON_HTML, render_html(report, out_dir))
     if tracking_uri:
         log_report(tracking_uri, out_dir, names, frame)
+        register_champions(tracking_uri, records)
     return frame
