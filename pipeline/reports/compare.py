@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import atomic_write_text, replace_dir
-from pipeline.reports.records import FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run, metric_mode
+from pipeline.reports.records import FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run,
+    loss_quantities, metric_mode
 
 LEADERBOARD = "leaderboard.csv"
 COMPARISON_MD = "comparison.md"
@@ -244,7 +245,7 @@ def learning_curve_points(records: list[RunRecord]) -> list[dict]:
     """Long format for the learning_curves DVC template: one point per experiment, split, quantity, epoch."""
     points = []
     for r in records:
-        for quantity in ("loss", r.main_metric):
+        for quantity in (*loss_quantities(r.history), r.main_metric):
             for split in ("train", "val"):
                 for i, row in enumerate(r.history):
                     value = finite(row.get(f"{split}/{quantity}")) if quantity else None

@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
-from pipeline.reports.records import RunRecord, finite, pareto_front
+from pipeline.reports.records import RunRecord, finite, loss_quantities, pareto_front
 
 # Figures are drawn on Figure objects (no pyplot, no global figure state); Agg renders them. Set for any
 # pyplot user in the same process too: never a display backend on a headless runner.
@@ -158,14 +158,19 @@ def learning_curves(writer: FigureWriter, dataset: str, task: str, records: list
     legend_rows = math.ceil((len(drawn) + 2) / 4)
     bottom = 0.5 + 0.17 * legend_rows
     fig, axes = new_figure(7.5, 2.2 + bottom, 1, len(panels), bottom=bottom, left=0.5)
+    players = False  # a GAN's panel draws d_loss and g_loss: no single loss exists
     for ax, (key, label) in zip(axes, panels):
         values: list[float] = []
         for r in drawn:
-            for split, style in (("train", "--"), ("val", "-")):
-                xs, ys = _series(r.history, f"{split}/{key}")
-                if ys:
-                    ax.plot(xs, ys, style, color=colors[r.name], lw=1.2 if split == "val" else 0.9)
-                    values += ys
+            quantities = loss_quantities(r.history) if key == "loss" else [key]
+            players |= quantities != [key]
+            for quantity, marker in zip(quantities, ("", "o", "s", "^")):
+                for split, style in (("train", "--"), ("val", "-")):
+                    xs, ys = _series(r.history, f"{split}/{quantity}")
+                    if ys:
+                        ax.plot(xs, ys, style, marker=marker, markersize=2.5, color=colors[r.name],
+                                lw=1.2 if split == "val" else 0.9)
+                        values += ys
         _maybe_log(ax, values)
         ax.set_xlabel("epoch")
         ax.set_title(label)
@@ -173,7 +178,9 @@ def learning_curves(writer: FigureWriter, dataset: str, task: str, records: list
     _legend_below(fig, [r.name for r in drawn], colors)
     caption = (f"Learning curves on {dataset} ({task}): "
                + ("loss (left) and " + metric + " (right)" if metric else "loss")
-               + " per epoch, training dashed, validation solid.")
+               + " per epoch, training dashed, validation solid."
+               + (" A GAN has no single loss: its players' losses are drawn, the discriminator's d_loss plain, "
+                  "the generator's g_loss with dots." if players else ""))
     return writer.save(fig, f"curves_{slug(dataset, task)}", anchor_curves(dataset, task),
                        f"Learning curves — {dataset} ({task})", caption)
 

@@ -126,6 +126,14 @@ def best_summary(study, sweep: Sweep) -> dict[str, Any]:
     return out
 
 
+def terminal_table(study, sweep: Sweep) -> str:
+    """Each candidate's best trial and value (and its trial counts) as aligned text, best first."""
+    best = best_table(study, sweep, trials_table(study, sweep))
+    columns = [c for c in ("candidate", "kind", "best_trial", sweep.spec.objective.metric, *COST_KEYS.values(),
+                           "complete", "pruned", "failed") if c in best and best[c].notna().any()]
+    return best[columns].to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     def cell(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):

@@ -304,6 +304,17 @@ def test_the_exported_best_spec_validates_and_reproduces_its_trial(lab, capsys):
 def test_rerunning_continues_the_study_and_a_bigger_budget_tops_it_up(lab, capsys):
     path = write_sweep(lab, sweep_dict(budget={"trials": 2, "epochs": 1}))
     assert main(["sweep", str(path), "--no-track"]) == 0
+    storage = open_storage(default_storage_url(lab / "sweeps", "tiny_sweep"))
+    [name] = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.metric_names == ["val/accuracy"]  # what optuna-dashboard labels the objective with
+    first = capsys.readouterr().out
+    best = study.best_trial
+    assert f"best {best.params['candidate']} (trial {best.number}, val/accuracy {best.value:.4g})" in first
+    # the terminal shows each architecture's best trial and value, not only the report
+    table = first.split("best trial per architecture (val/accuracy):\n", 1)[1].splitlines()
+    assert table[0].split()[:4] == ["candidate", "kind", "best_trial", "val/accuracy"]
+    assert {line.split()[0] for line in table[1:]} == {"mlp", "cnn"}
     assert main(["sweep", str(path), "--no-track"]) == 0
     assert "2 trials (0 new)" in capsys.readouterr().out
     write_sweep(lab, sweep_dict(budget={"trials": 3, "epochs": 1}))
@@ -358,3 +369,21 @@ def test_the_default_sweep_validates_against_the_repo_specs():
     sweep = load_sweep(REPO / "specs/sweeps/mnist1d_arch.yaml", REPO / "specs")
     assert {"mlp", "cnn", "gru", "transformer"} <= set(sweep.spec.candidates) and sweep.dataset == "mnist1d"
     assert sweep.spec.budget.trials and sweep.spec.budget.timeout_s
+
+
+def test_the_sweep_inputs_digest_changes_only_with_what_the_sweep_reads(lab):
+    path = write_sweep(lab, sweep_dict())
+    out = lab / "sweeps" / "tiny_sweep.inputs.json"
+
+    def digest() -> str:
+        assert main(["sweep", str(path), "--write-inputs", str(out)]) == 0
+        return out.read_text()
+
+    first = digest()
+    assert set(json.loads(first)["candidates"]) == {"mlp", "cnn"}
+    assert not (lab / "sweeps" / "tiny_sweep.journal").exists()  # only the digest: no study, no trial
+    (lab / "specs" / "unrelated.yaml").write_text(yaml.safe_dump({**MLP, "name": "unrelated"}))
+    (lab / "specs" / "tiny_mlp.yaml").write_text("# a comment changes nothing\n" + yaml.safe_dump(MLP))
+    assert digest() == first
+    (lab / "specs" / "tiny_mlp.yaml").write_text(yaml.safe_dump({**MLP, "model": {"kind": "mlp", "hidden": [32]}}))
+    assert digest() != first
