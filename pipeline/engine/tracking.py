@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     """Nested spec → {'model.hidden': '[128, 128]', 'model.layers.0.channels': '16', ...} for MLflow params.
 
@@ -90,7 +93,8 @@ class Tracker:
                 self.client.update_run(run_id, status="RUNNING")
             return
         exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # Classic model training, not a GenAI app: the UI opens the experiment on its training runs.
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, tags=EXPERIMENT_KIND)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id

@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import atomic_write_text, replace_dir
-from pipeline.reports.records import FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run,
-    loss_quantities, metric_mode
+from pipeline.reports.records import (FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row,
+                                      load_run, loss_quantities, metric_mode)
 
 LEADERBOARD = "leaderboard.csv"
 COMPARISON_MD = "comparison.md"

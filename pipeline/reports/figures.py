@@ -318,6 +318,9 @@ def _minor_tick_label(value: float, _pos=None) -> str:
 
 
 # ── per model ────────────────────────────────────────────────────────────────
+MAX_LABELLED_ROWS = 80  # a gradient heatmap labels every layer up to this many, then every k-th
+
+
 def _tick_every(n: int, most: int) -> int:
     return max(1, math.ceil(n / most))
 
@@ -352,9 +355,12 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
     dead_label_w = 0.15 + 0.05 * max(len(_short(name)) for name in dead[0]) if dead else 0.0
     heat_w, cbar_gap, global_w, dead_w, gap = 3.2, 1.45, 2.0, 1.2, 0.55
     width = label_w + heat_w + cbar_gap + global_w + (gap + dead_label_w + dead_w if dead else 0) + 0.25
-    plot_h = 0.9 + 0.13 * min(len(layers), 40)
-    fig = Figure(figsize=(width, plot_h + 0.95))
-    place = lambda x, w: fig.add_axes((x / width, 0.5 / (plot_h + 0.95), w / width, plot_h / (plot_h + 0.95)))
+    # 0.13 in per layer: every row keeps its label (6 pt) up to MAX_LABELLED_ROWS layers.
+    plot_h = 0.9 + 0.13 * min(len(layers), MAX_LABELLED_ROWS)
+    # Below the plots 0.5 in for the epoch axis; above them 0.75 in: the panel titles, then the figure's title.
+    height = plot_h + 1.25
+    fig = Figure(figsize=(width, height))
+    place = lambda x, w: fig.add_axes((x / width, 0.5 / height, w / width, plot_h / height))
     axes = [place(label_w, heat_w), place(label_w + heat_w + cbar_gap, global_w)]
     if dead:
         axes.append(place(width - 0.25 - dead_w, dead_w))
@@ -368,7 +374,7 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
                                     ax.get_position().height))
         bar = fig.colorbar(image, cax=colorbar_ax, label="mean ‖grad‖")
         log_axis(bar.ax.yaxis, norm.vmin, norm.vmax)
-    step = _tick_every(len(layers), 16)
+    step = _tick_every(len(layers), MAX_LABELLED_ROWS)
     ax.set_yticks(range(0, len(layers), step), [labels[i] for i in range(0, len(layers), step)], fontsize=6)
     ax.set_xlabel("epoch")
     ax.set_title("per-layer gradient norm")
@@ -391,7 +397,7 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
         ax = axes[2]
         y = np.arange(len(names))
         ax.barh(y, fractions, color="#de2d26")
-        step = _tick_every(len(names), 16)
+        step = _tick_every(len(names), MAX_LABELLED_ROWS)
         ax.set_yticks(y[::step], [_short(n) for n in names[::step]], fontsize=6)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
@@ -400,7 +406,8 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
         ax.set_xlabel("fraction")
         ax.grid(axis="x", alpha=0.25)
     flags = record.raised_flags()
-    fig.suptitle(f"{record.name}: " + (", ".join(flags) if flags else "no gradient flags"), fontsize=9)
+    fig.suptitle(f"{record.name}: " + (", ".join(flags) if flags else "no gradient flags"), fontsize=9,
+                 y=1 - 0.12 / height, va="top")
     caption = (f"Gradient health of {record.name}: mean gradient norm per layer and epoch (log colour, first layer "
                "on top), the global norm's epoch mean and max"
                + (", and the fraction of dead units per layer at the last epoch." if dead else "."))

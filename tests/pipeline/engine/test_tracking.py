@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.engine.evaluate import evaluate_run
 from pipeline.engine.tracking import spec_params
+from pipeline.ui import training_runs_urls
 from pipeline.specs.experiment import ExperimentSpec
 from pipeline.engine.train import train_experiment
 from tests.conftest import tiny_classification
@@ -44,7 +45,11 @@ def test_a_run_holds_params_curves_standard_fields_artifacts_and_test_metrics(tm
     evaluate_run(spec(), data, tmp_path / "run", store)
 
     run = client.get_run(metrics["mlflow_run_id"])
-    assert client.get_experiment(run.info.experiment_id).name == "tiny/classify"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "tiny/classify"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI shows training runs
+    assert f"  tiny/classify: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=" \
+           "machine_learning" in training_runs_urls(store, 5000)
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     # evaluation added its metrics but the run's times still describe the training
     assert (run.info.start_time, run.info.end_time) == (trained.start_time, trained.end_time)
