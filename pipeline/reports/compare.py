@@ -149,7 +149,18 @@ def leaderboard_table(records: list[RunRecord], metric: str, section: str, curve
             fmt_ms(r.cost.get("latency_ms_p50")), fmt_memory(r.cost.get("peak_memory_mb"), r.cost.get("memory_kind")),
             fmt_percent(r.cost.get("mfu")),
         ])
-    return Table(columns, rows, numeric={0, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17})
+    full = Table(columns, rows, numeric={0, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17})
+    more = ["best epoch", "loss gap best → last", "train samples/s", "latency p50", "peak memory", "MFU"]
+    return (select_columns(full, [c for c in columns if c not in more]),
+            select_columns(full, ["#", "experiment", *more], folded=True))
+
+
+def select_columns(table, names: list[str], folded: bool = False):
+    """Some columns of a table, in the given order (the leaderboard's first view, or the rest one click away)."""
+    from pipeline.reports.document import Table
+    index = [table.columns.index(name) for name in names]
+    return Table(names, [[row[i] for i in index] for row in table.rows],
+                 numeric={k for k, i in enumerate(index) if i in table.numeric}, folded=folded)
 
 
 def test_metrics_table(records: list[RunRecord], metric: str):
@@ -205,9 +216,10 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
     for r in records:
         items += rf.sample_grids(writer, r)
         items += text_blocks(r)
-    tables = [(f"Leaderboard (best test {metric} first)" if metric else "Leaderboard",
-               leaderboard_table(records, metric or "metric", anchor, curves and curves.anchor, gap and gap.anchor,
-                                 {k: v.anchor for k, v in grad_figures.items()}))]
+    board, more = leaderboard_table(records, metric or "metric", anchor, curves and curves.anchor,
+                                    gap and gap.anchor, {k: v.anchor for k, v in grad_figures.items()})
+    tables = [(f"Leaderboard (best test {metric} first)" if metric else "Leaderboard", board),
+              ("More columns: best epoch, loss gap, speed and memory", more)]
     others = test_metrics_table(records, metric)
     if others is not None and len(others.columns) > 2:
         tables.append(("All test metrics", others))

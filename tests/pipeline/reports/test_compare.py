@@ -106,8 +106,13 @@ def md_tables(markdown: str) -> list[list[dict[str, str]]]:
 
 
 def leaderboard_rows(markdown: str) -> dict[str, dict[str, str]]:
-    return {row["experiment"]: row for table in md_tables(markdown) for row in table
-            if "#" in row and "experiment" in row}
+    """Each experiment's leaderboard cells, its first view and its folded columns together."""
+    rows: dict[str, dict[str, str]] = {}
+    for table in md_tables(markdown):
+        for row in table:
+            if "#" in row and "experiment" in row:
+                rows.setdefault(row["experiment"], {}).update(row)
+    return rows
 
 
 def measured_flags(diag: dict) -> set[str]:
