@@ -285,6 +285,7 @@ def plot_parallel(study, sweep: Sweep, path: Path) -> bool:
 
 def plot_tradeoff(table: pd.DataFrame, sweep: Sweep, pareto: set[int], path: Path) -> bool:
     """The metric against each cost (log x), per candidate; Pareto-optimal trials ringed and joined."""
+    from pipeline.reports.figures import log_axis
     metric = sweep.spec.objective.metric
     complete = table[(table["state"] == "complete")] if len(table) else table
     costs = [c for c in (sweep.spec.objective.costs or list(COST_KEYS))
@@ -304,6 +305,8 @@ def plot_tradeoff(table: pd.DataFrame, sweep: Sweep, pareto: set[int], path: Pat
             if len(sweep.spec.objective.costs) == 1:
                 ax.step(front[COST_KEYS[cost]], front[metric], where="post", color="black", lw=0.8)
         ax.set_xscale("log")
+        values = complete[COST_KEYS[cost]].dropna()
+        log_axis(ax.xaxis, float(values.min()), float(values.max()))  # 2× and 5× labels, never 8 a decade
         ax.set_xlabel({"flops": "forward FLOPs per sample", "params": "parameters",
                        "train_time": "training time (s)"}[cost])
         ax.set_ylabel(metric)

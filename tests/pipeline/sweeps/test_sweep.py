@@ -387,3 +387,27 @@ def test_the_sweep_inputs_digest_changes_only_with_what_the_sweep_reads(lab):
     assert digest() == first
     (lab / "specs" / "tiny_mlp.yaml").write_text(yaml.safe_dump({**MLP, "model": {"kind": "mlp", "hidden": [32]}}))
     assert digest() != first
+
+
+def test_the_metric_against_time_plot_labels_a_narrow_log_axis_without_overlap(lab, monkeypatch, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from pipeline.specs.sweep import COST_KEYS
+    from pipeline.sweeps.report import plot_tradeoff
+    sweep = load_sweep(write_sweep(lab, sweep_dict()), lab / "specs")
+    # training times of 1.2-3.4 s: a fraction of a decade, where default log ticks print crowded minor labels
+    table = pd.DataFrame([{"trial": i, "state": "complete", "candidate": "mlp" if i % 2 else "cnn",
+                           "val/accuracy": 0.5 + 0.04 * i, COST_KEYS["flops"]: 1000.0 * (i + 1),
+                           COST_KEYS["params"]: 100 + 10 * i, COST_KEYS["train_time"]: 1.2 + 0.25 * i}
+                          for i in range(10)])
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figure to measure its labels
+    assert plot_tradeoff(table, sweep, set(), tmp_path / "tradeoff.png")
+    fig = plt.gcf()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.xaxis.get_ticklabels(minor=False) + ax.xaxis.get_ticklabels(minor=True)
+                  if t.get_text() and t.get_visible() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        assert len(boxes) >= 2, "a narrow axis still carries numbers"
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+    plt.close("all")
