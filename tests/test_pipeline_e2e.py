@@ -92,6 +92,11 @@ def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):
         r = by_name[name]
         assert len(client.get_metric_history(r.info.run_id, "val/loss")) == 2
         assert any(k.startswith("test/") for k in r.data.metrics)
+        # each run carries its own figures, logged by compare without reopening it
+        figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
+        group = "digits-classify" if name.startswith("digits") else "diabetes-regress"
+        assert {f"figures/grad_{name}.png", f"figures/curves_{group}.png"} <= figures
+        assert r.info.status == "FINISHED"
 
 
 def test_a_second_repro_changes_nothing(clone):

@@ -470,6 +470,8 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
             if (run_dir / name).is_file():
                 tracker.log_artifact(run_dir / name)
         tracker.log_artifact(spec_path)
+        if (run_dir / "samples").is_dir():  # sample grids per epoch, sampled text
+            tracker.client.log_artifacts(tracker.run_id, str(run_dir / "samples"), "samples")
         log_model_of(trainer, tracker, tracking_uri)
         tracker.end("FAILED" if metrics["status"] == "diverged" else "FINISHED")
     return metrics

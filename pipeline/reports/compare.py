@@ -304,6 +304,27 @@ def write_scores(records: list[RunRecord], out_dir: Path) -> None:
 
 
 # ── MLflow ───────────────────────────────────────────────────────────────────
+def log_run_figures(client, records: list[RunRecord], figures_dir: Path) -> None:
+    """Each training run carries its figures under figures/: its own gradient health and confusion matrix, and
+    its group's learning curves, gaps and Pareto plot (its sample grids are logged by training itself)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.reports.figures import slug
+    for r in records:
+        run_id = r.metrics.get("mlflow_run_id")
+        if not run_id:
+            continue
+        group = slug(r.dataset or "unknown", r.task or "unknown")
+        names = [f"grad_{slug(r.name)}", f"confusion_{slug(r.name)}", f"curves_{group}", f"gap_{group}",
+                 f"pareto_{group}"]
+        try:
+            for path in (figures_dir / f"{name}.png" for name in names):
+                if path.is_file():
+                    client.log_artifact(run_id, str(path), FIGURES)
+        except MlflowException:
+            continue  # a run of another store
+
+
 def registered_model_name(dataset: str, task: str) -> str:
     return f"{MODEL_NAME_PREFIX}-{dataset}-{task}"
 
@@ -348,7 +369,8 @@ def _version_of(client, name: str, run_id: str) -> str | None:
     return None
 
 
-def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.DataFrame) -> str:
+def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.DataFrame,
+               records: list[RunRecord]) -> str:
     """Log the report files as artifacts of a new `compare` run; returns its run id."""
     from pipeline.engine.tracking import Tracker
     tracker = Tracker(tracking_uri, MLFLOW_EXPERIMENT, run_name="compare",
@@ -358,6 +380,7 @@ def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.Dat
     for folder in (FIGURES, PLOTS):
         if any((out_dir / folder).iterdir()):
             tracker.client.log_artifacts(tracker.run_id, str(out_dir / folder), folder)
+    log_run_figures(tracker.client, records, out_dir / FIGURES)
     tested = frame.dropna(subset=["test_metric"])
     tracker.log_metrics({f"test_metric/{row.experiment}": row.test_metric for row in tested.itertuples()}, step=0)
     tracker.end("FINISHED")
@@ -399,6 +422,6 @@ def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str |
     atomic_write_text(out_dir / COMPARISON_MD, render_markdown(report))
     atomic_write_text(out_dir / COMPARISON_HTML, render_html(report, out_dir))
     if tracking_uri:
-        log_report(tracking_uri, out_dir, names, frame)
+        log_report(tracking_uri, out_dir, names, frame, records)
         register_champions(tracking_uri, records)
     return frame
