@@ -462,3 +462,27 @@ def test_pareto_labels_of_crowded_points_do_not_overlap():
     assert sorted(t.get_text() for t in ax.texts) == sorted(name for name, *_ in points)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert ax.texts[-1].xyann in LABEL_OFFSETS[:4]  # a lone point's label stays beside it, with no leader line
+
+
+def test_a_deep_models_gradient_figure_labels_every_layer_and_keeps_its_titles_apart(tmp_path):
+    from pipeline.reports import figures as rf
+    from pipeline.reports.records import load_run
+    layers = [f"blocks.{i}.attn.qkv" for i in range(44)]
+    fx.write_run(tmp_path / "runs", "deep", test={"accuracy": 0.9}, diag=fx.diagnostics(6, layers))
+    kept = {}
+
+    class Keep(rf.FigureWriter):
+        def save(self, fig, stem, anchor, title, caption):
+            kept["fig"] = fig
+            return super().save(fig, stem, anchor, title, caption)
+
+    assert rf.grad_health(Keep(tmp_path / "figures"), load_run("deep", tmp_path / "runs")) is not None
+    fig = kept["fig"]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    heatmap = fig.axes[0]
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == [rf._short(name) for name in layers]
+    boxes = sorted((t.get_window_extent(renderer) for t in heatmap.get_yticklabels()), key=lambda b: b.y0)
+    assert all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:])), "row labels overlap"
+    title = fig._suptitle.get_window_extent(renderer)
+    assert all(not title.overlaps(ax.title.get_window_extent(renderer)) for ax in fig.axes if ax.get_title())
