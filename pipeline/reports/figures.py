@@ -288,17 +288,44 @@ def label_points(ax, points: list[tuple[str, float, float, tuple]], fontsize: fl
         text.update_positions(renderer)
         return text, Text.get_window_extent(text, renderer)  # the words alone, not the leader line
 
-    taken = []
-    for name, x, y, color in points:
-        for offset in LABEL_OFFSETS:
-            text, box = place(name, x, y, color, offset)
-            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
-            if inside and not any(box.overlaps(o) for o in taken) and not any(box.contains(*d) for d in dots):
+    taken, leaders = [], []
+    # Right-most point first, labels to its right, leaders near-vertical: a later (left) point's leader stays left
+    # of every label placed before it, so leaders do not run through labels where a free place exists.
+    order = sorted(range(len(points)), key=lambda i: -dots[i][0])
+
+    def free(box, line, strict):
+        inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+        if not inside or any(box.overlaps(o) for o in taken) or any(box.contains(*d) for d in dots):
+            return False
+        return not strict or not (any(_crosses(seg, box) for seg in leaders)
+                                  or (line is not None and any(_crosses(line, o) for o in taken)))
+
+    for i in order:
+        name, x, y, color = points[i]
+        chosen = None
+        for strict in (True, False):
+            for offset in LABEL_OFFSETS:
+                text, box = place(name, x, y, color, offset)
+                far = offset not in LABEL_OFFSETS[:4]
+                line = (tuple(dots[i]), (box.x0 if offset[0] > 0 else box.x1, (box.y0 + box.y1) / 2)) if far else None
+                if free(box, line, strict):
+                    chosen = (box, line)
+                    break
+                text.remove()
+            if chosen:
                 break
-            text.remove()
         else:
             text, box = place(name, x, y, color, LABEL_OFFSETS[0])
-        taken.append(box)
+            chosen = (box, None)
+        taken.append(chosen[0])
+        if chosen[1] is not None:
+            leaders.append(chosen[1])
+
+
+def _crosses(segment, box, samples: int = 24) -> bool:
+    """Whether a leader line (two display points) passes through a label's box (checked at evenly spaced points)."""
+    (x0, y0), (x1, y1) = segment
+    return any(box.contains(x0 + (x1 - x0) * t / samples, y0 + (y1 - y0) * t / samples) for t in range(1, samples))
 
 
 def _tick_label(value: float, _pos=None) -> str:
