@@ -551,14 +551,15 @@ def open_study(sweep: Sweep, storage_url: str, seed: int):
 def _parent_run(sweep: Sweep, study, tracking_uri: str | None):
     if tracking_uri is None:
         return None
-    from pipeline.engine.tracking import Tracker, git_commit
+    from pipeline.engine.tracking import Tracker, source_tags
     tracker = Tracker(tracking_uri, mlflow_experiment(sweep.name), run_id=study.user_attrs.get("mlflow_parent_run_id"),
                       run_name=study.study_name)
     if study.user_attrs.get("mlflow_parent_run_id") != tracker.run_id:
         study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
-    tracker.log_params(mlflow_params(sweep.spec.model_dump(mode="json")))
-    tracker.set_tags({"sweep": sweep.name, "sweep.study": study.study_name, "git_commit": git_commit(),
-                      "sweep.role": "parent"})
+    tracker.log_params(mlflow_params({k: v for k, v in sweep.spec.model_dump(mode="json").items()
+                                      if k != "description"}))
+    tracker.set_tags({"sweep": sweep.name, "sweep.study": study.study_name, "sweep.role": "parent",
+                      **source_tags(sweep.path, sweep.spec.description)})
     tracker.log_artifact(sweep.path)
     return tracker
 

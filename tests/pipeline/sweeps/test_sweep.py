@@ -262,6 +262,8 @@ def test_mlflow_holds_a_parent_run_and_one_child_per_trial_with_its_state(lab):
     assert len(client.get_metric_history(children[2].info.run_id, "val/accuracy")) == pruned_epochs
     assert children[2].info.status == "KILLED"
     assert parent.data.metrics["best/val/accuracy"] == study.best_value
+    assert parent.data.tags["mlflow.source.name"].endswith("tiny_sweep.yaml") and parent.data.tags["mlflow.user"]
+    assert "mlflow.source.git.commit" in parent.data.tags and "description" not in parent.data.params
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
         "report/best_per_architecture.csv", "report/optimization_history.png"}
 
