@@ -142,6 +142,13 @@ def cmd_sweep(args) -> int:
     first = next(iter(sweep.bases))
     data_dir = _data_dir(args, config, sweep.dataset)
     ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
+    if args.write_inputs:
+        from pipeline.data.prepare import load_prepared
+        from pipeline.io import atomic_write_json
+        from pipeline.sweeps.study import sweep_inputs
+        atomic_write_json(Path(args.write_inputs), sweep_inputs(sweep, load_prepared(data_dir).meta))
+        print(f"{sweep.name}: inputs → {args.write_inputs}")
+        return 0
     storage = args.storage or default_storage_url(config.paths.sweeps, sweep.name)
     report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
     result = run_sweep(sweep, data_dir, config.paths.runs / "sweeps" / sweep.name, report_dir, storage,
@@ -150,8 +157,11 @@ def cmd_sweep(args) -> int:
     if result.recovered:
         print(f"requeued trials left running by a stopped worker: {result.recovered}")
     best = result.best
-    shown = f", best {best['candidate']} (trial {best['trial']})" if "trial" in best else ""
+    metric = sweep.spec.objective.metric
+    shown = (f", best {best['candidate']} (trial {best['trial']}, {metric} {best[f'best/{metric}']:.4g})"
+             if "trial" in best else "")
     print(f"{sweep.name}: study {result.study_name}, {result.trials} trials ({result.ran} new){shown} → {report_dir}")
+    print(f"best trial per architecture ({metric}):\n{result.per_architecture}")
     return 0
 
 
@@ -211,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
     p.add_argument("--out", help="report folder (default: reports/sweeps/NAME)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--write-inputs", metavar="FILE", help="only write the content hashes of what the sweep reads "
+                                                          "(its spec, its candidates' specs, its data) to FILE")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1, light on memory")

@@ -22,16 +22,21 @@ def evaluate_run(spec: ExperimentSpec, data: Prepared, run_dir: str | Path, trac
     atomic_write_json(run_dir / "eval.json", result)
     run_id = state.get("run_id")
     if tracking_uri and run_id:
-        from pipeline.engine.tracking import Tracker
-        tracker = Tracker(tracking_uri, "", run_id=run_id)
-        scalars = {f"test/{k}": v for k, v in result["test"].items()
-                   if isinstance(v, (int, float)) and math.isfinite(v)}
-        tracker.log_metrics(scalars, step=state["epoch"])
-        tracker.log_artifact(run_dir / "eval.json")
-        if "fid" in result["test"] and data.meta.get("prepared_dir"):
-            from pipeline.engine.quality import cache_paths
-            for path in cache_paths(data.meta["prepared_dir"]):  # the yardstick the FID was measured with
-                tracker.log_artifact(path, "feature_classifier")
-        tracker.end("FAILED" if state["status"] == "diverged" else "FINISHED")
+        log_evaluation(tracking_uri, run_id, run_dir, result, state["epoch"], data)
     return result
+
+
+def log_evaluation(tracking_uri: str, run_id: str, run_dir: Path, result: dict, epoch: int, data: Prepared) -> None:
+    """Test metrics and eval.json into the training run, which stays as training left it: its status, start
+    and end time describe the training (the Duration column), not when the evaluation happened."""
+    from pipeline.engine.tracking import Tracker
+    tracker = Tracker(tracking_uri, "", run_id=run_id, reopen=False)
+    tracker.log_metrics({f"test/{k}": v for k, v in result["test"].items()
+                         if isinstance(v, (int, float)) and math.isfinite(v)}, step=epoch)
+    tracker.flush()
+    tracker.log_artifact(run_dir / "eval.json")
+    if "fid" in result["test"] and data.meta.get("prepared_dir"):
+        from pipeline.engine.quality import cache_paths
+        for path in cache_paths(data.meta["prepared_dir"]):  # the yardstick the FID was measured with
+            tracker.log_artifact(path, "feature_classifier")
 

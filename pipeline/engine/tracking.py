@@ -10,12 +10,22 @@ from pathlib import Path
 from typing import Any
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    """Nested spec → {'model.hidden': '[128, 128]', 'train.optimizer.lr': '0.001', ...} for MLflow params."""
+    """Nested spec → {'model.hidden': '[128, 128]', 'model.layers.0.channels': '16', ...} for MLflow params.
+
+    A list of mappings (a CNN's layers) is spread over indexed keys, so a sampled channel count is a short
+    param of its own, comparable across runs, not a fragment of one long string.
+    """
     out: dict[str, str] = {}
     if isinstance(obj, dict):
         for key, value in obj.items():
             out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(obj, list) and any(isinstance(item, dict) for item in obj):
+        for index, item in enumerate(obj):
+            out.update(flatten(item, f"{prefix}.{index}"))
     else:
         text = str(obj)
         out[prefix] = text if len(text) <= 6000 else text[:5997] + "..."
@@ -30,6 +40,33 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
 
 
+def spec_params(spec: dict) -> dict[str, str]:
+    """A spec's MLflow params: every field but the description (prose is the run's note, not a param)."""
+    return flatten({k: v for k, v in spec.items() if k != "description"})
+
+
+def number_text(value: Any) -> str:
+    """A short, exact-enough text for a number logged as a param: 4 significant digits for floats."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def source_tags(source: str | Path, description: str | None = None) -> dict[str, str]:
+    """MLflow's standard fields: the Source and User columns, the git commit, and the run's description."""
+    import getpass
+
+    from mlflow.utils.mlflow_tags import (MLFLOW_GIT_COMMIT, MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME,
+                                          MLFLOW_SOURCE_TYPE, MLFLOW_USER)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = "unknown"
+    tags = {MLFLOW_SOURCE_NAME: str(source), MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: user,
+            MLFLOW_GIT_COMMIT: git_commit()}
+    if description:
+        tags[MLFLOW_RUN_NOTE] = description
+    return tags
+
+
 def metric_key(name: str) -> str:
     """MLflow keys allow letters, digits, _ - . space / : only; module paths may carry others."""
     return "".join(c if c.isalnum() or c in "_-./ :" else "_" for c in name)
@@ -39,7 +76,10 @@ class Tracker:
     """A thin handle on one MLflow run. Metrics are buffered and sent in one batch per flush."""
 
     def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, parent_run_id: str | None = None):
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None, reopen: bool = True):
+        """Continue run_id when it exists (marked RUNNING again if `reopen`), else start a new run.
+
+        `reopen=False` adds to a finished run without touching its status or times (evaluation)."""
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -47,10 +87,12 @@ class Tracker:
         self._pending: list = []
         if run_id is not None and self._exists(run_id):
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if reopen:
+                self.client.update_run(run_id, status="RUNNING")
             return
         exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # Classic model training, not a GenAI app: the UI opens the experiment on its training runs.
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, tags=EXPERIMENT_KIND)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -89,6 +131,27 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def end(self, status: str = "FINISHED") -> None:
-        self.flush()
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def log_dataset(self, meta: dict, context: str = "training") -> None:
+        """The prepared dataset as the run's dataset input: name, content hash, split shapes."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+        profile = {"input_shape": meta.get("input_shape"), "sizes": meta.get("sizes"),
+                   "num_classes": meta.get("num_classes"), "target": meta.get("target")}
+        dataset = Dataset(name=str(meta.get("name", "dataset")), digest=str(meta.get("content_hash", ""))[:36],
+                          source_type="local", source=json.dumps({"uri": str(meta.get("prepared_dir", ""))}),
+                          profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT,
+                                                                                        context)])])
+
+    def end(self, status: str = "FINISHED", flush: bool = True) -> None:
+        """Close the run; `flush=False` drops metrics not yet sent (an interrupted epoch is trained again)."""
+        if flush:
+            self.flush()
+        self._pending = []
         self.client.set_terminated(self.run_id, status=status)

@@ -7,8 +7,10 @@ states, history, MLflow run id) is written at the end of an epoch, at most every
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
+import json
 import math
 import random
 import sys
@@ -34,6 +36,7 @@ from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpe
 from pipeline.specs.metrics import Mode, is_better
 
 CHECKPOINT = "checkpoint.pt"
+RUN_ID_FILE = "mlflow_run.json"  # the MLflow run id from the start, so a rerun continues it
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -295,8 +298,9 @@ class Trainer:
         if resumed and self.state.status != "running":
             return self.write_outputs()  # already finished: outputs are rewritten, nothing retrained
         if self.open_tracker is not None and self.ranks.is_main:
-            self.tracker = self.open_tracker(self.state.run_id)
+            self.tracker = self.open_tracker(self.state.run_id or self.claimed_run_id())
             self.state.run_id = self.tracker.run_id
+            self.claim_run_id()
         shown = self.show_progress and self.ranks.is_main
         progress = Progress(spec.name, spec.train.epochs, self.state.epoch) if shown else None
         es = spec.train.early_stopping
@@ -353,6 +357,12 @@ class Trainer:
                     callback(self.state.epoch, row)
                 if done:
                     break
+        except BaseException as error:
+            # Ctrl-C or a crash: the run is closed as KILLED or FAILED (never left RUNNING); the epochs since the
+            # last checkpoint are trained again by the rerun, so their queued metrics are dropped.
+            if self.tracker is not None:
+                self.tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", flush=False)
+            raise
         finally:
             if progress:
                 progress.close()
@@ -363,6 +373,30 @@ class Trainer:
         if part is None:  # a split too small to share: every rank evaluates all of it
             return evaluate_split(self.model, self.task, self.val_x, self.val_y)
         return evaluate_split(self.model, self.task, *part, reduce=self.ranks.sum_stats)
+
+    # the MLflow run's id, kept beside the run before the first checkpoint holds it ---------------------
+    def claimed_run_id(self) -> str | None:
+        """The run id of an earlier attempt at this very spec that stopped before its first checkpoint."""
+        path = self.run_dir / RUN_ID_FILE
+        if not path.is_file():
+            return None
+        try:
+            claim = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return claim.get("run_id") if claim.get("spec_hash") == self.spec.spec_hash() else None
+
+    def claim_run_id(self) -> None:
+        atomic_write_json(self.run_dir / RUN_ID_FILE, {"run_id": self.state.run_id, "spec_hash": self.spec.spec_hash()})
+
+    # outputs -------------------------------------------------------------------
+    def final_model(self) -> nn.Module:
+        """The weights to evaluate: the best epoch's under early stopping, else the last."""
+        if self.state.best_weights is not None and self.state.status != "diverged":
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(self.state.best_weights)
+            return model
+        return self.model
 
     # outputs -------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -425,17 +459,20 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
     """
     from pipeline.engine.cost import measure_cost
-    from pipeline.engine.tracking import flatten, git_commit
+    from pipeline.engine.tracking import number_text, source_tags, spec_params
 
     run_dir = Path(run_dir)
 
     def open_tracker(run_id: str | None) -> Tracker:
         tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id, run_name=spec.name,
                           parent_run_id=parent_run_id)
-        tracker.log_params(flatten(spec.model_dump(mode="json")))
+        fresh = tracker.run_id != run_id
+        tracker.log_params(spec_params(spec.model_dump(mode="json")))
         tracker.set_tags({"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
-                          "spec_hash": spec.spec_hash(), "git_commit": git_commit(),
-                          "data_hash": data.meta.get("content_hash", ""), **(extra_tags or {})})
+                          "spec_hash": spec.spec_hash(), "data_hash": data.meta.get("content_hash", ""),
+                          **source_tags(spec_path, spec.description), **(extra_tags or {})})
+        if fresh:
+            tracker.log_dataset(data.meta)
         return tracker
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
@@ -450,13 +487,29 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     if trainer.tracker is not None:
         tracker = trainer.tracker
         tracker.set_tags({"status": metrics["status"], **trainer.monitor.tags()})
-        tracker.log_metrics({f"cost/{k}": v for k, v in cost.items()}, step=metrics["epochs"])
+        # Cost numbers are params: one value each, a column of the runs table, not a lone dot in the charts.
+        tracker.log_params({f"cost.{k}": number_text(v) for k, v in cost.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for name in ("history.csv", "metrics.json", "diagnostics.json", "cost.json", CHECKPOINT):
             if (run_dir / name).is_file():
                 tracker.log_artifact(run_dir / name)
         tracker.log_artifact(spec_path)
+        if (run_dir / "samples").is_dir():  # sample grids per epoch, sampled text
+            tracker.client.log_artifacts(tracker.run_id, str(run_dir / "samples"), "samples")
+        log_model_of(trainer, tracker, tracking_uri)
         tracker.end("FAILED" if metrics["status"] == "diverged" else "FINISHED")
     return metrics
+
+
+def log_model_of(trainer: Trainer, tracker: Tracker, tracking_uri: str) -> None:
+    """The trained model (best weights under early stopping) as the run's MLflow model `model`."""
+    from pipeline.engine.serving import log_served_model
+    if trainer.state.status == "diverged":
+        return  # NaN weights serve nothing
+    model = copy.deepcopy(trainer.final_model())
+    seconds = log_served_model(tracking_uri, tracker.experiment_id, tracker.run_id, model, trainer.spec.task,
+                               trainer.data)
+    tracker.set_tags({"model_log_s": f"{seconds:.2f}"})
 
 
 def load_checkpoint_model(spec: ExperimentSpec, data: Prepared, run_dir: str | Path,

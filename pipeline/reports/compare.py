@@ -6,6 +6,7 @@ reports/
   comparison.html      the same, one self-contained file (figures inlined)
   figures/*.png        learning curves, gaps, gradient heatmaps, Pareto plots, confusion, samples
   plots/*.json         long-format data for `dvc plots show/diff` (learning curves, gradient norms)
+  scores/NAME.json     numbers only, the same keys for every experiment: `dvc metrics show/diff`, `dvc exp show`
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pandas as pd
 
 from pipeline.engine.verdicts import FLAG_NAMES
 from pipeline.io import atomic_write_text, replace_dir
-from pipeline.reports.records import RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run
+from pipeline.reports.records import (RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run,
+                                      loss_quantities)
 from pipeline.specs.metrics import metric_mode
 
 LEADERBOARD = "leaderboard.csv"
@@ -24,6 +26,13 @@ COMPARISON_MD = "comparison.md"
 COMPARISON_HTML = "comparison.html"
 FIGURES = "figures"
 PLOTS = "plots"
+SCORES = "scores"
+# leaderboard column → key in scores/NAME.json. The gaps are validation minus training at the final epoch.
+SCORE_KEYS = {"test_metric": "test_metric", "val_metric": "val_metric", "gap_metric_final": "gap_metric",
+              "gap_loss_final": "gap_loss", "params": "params", "flops_forward_per_sample": "flops",
+              "train_time_s": "train_time_s", "epochs": "epochs", "best_epoch": "best_epoch"}
+MODEL_NAME_PREFIX = "archlab"  # registered model names: archlab-DATASET-TASK
+CHAMPION = "champion"
 MLFLOW_EXPERIMENT = "archlab/compare"
 
 FLAG_MEANINGS = {
@@ -142,7 +151,18 @@ def leaderboard_table(records: list[RunRecord], metric: str, section: str, curve
             fmt_ms(r.cost.get("latency_ms_p50")), fmt_memory(r.cost.get("peak_memory_mb"), r.cost.get("memory_kind")),
             fmt_percent(r.cost.get("mfu")),
         ])
-    return Table(columns, rows, numeric={0, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17})
+    full = Table(columns, rows, numeric={0, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17})
+    more = ["best epoch", "loss gap best → last", "train samples/s", "latency p50", "peak memory", "MFU"]
+    return (select_columns(full, [c for c in columns if c not in more]),
+            select_columns(full, ["#", "experiment", *more], folded=True))
+
+
+def select_columns(table, names: list[str], folded: bool = False):
+    """Some columns of a table, in the given order (the leaderboard's first view, or the rest one click away)."""
+    from pipeline.reports.document import Table
+    index = [table.columns.index(name) for name in names]
+    return Table(names, [[row[i] for i in index] for row in table.rows],
+                 numeric={k for k, i in enumerate(index) if i in table.numeric}, folded=folded)
 
 
 def test_metrics_table(records: list[RunRecord], metric: str):
@@ -198,9 +218,10 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
     for r in records:
         items += rf.sample_grids(writer, r)
         items += text_blocks(r)
-    tables = [(f"Leaderboard (best test {metric} first)" if metric else "Leaderboard",
-               leaderboard_table(records, metric or "metric", anchor, curves and curves.anchor, gap and gap.anchor,
-                                 {k: v.anchor for k, v in grad_figures.items()}))]
+    board, more = leaderboard_table(records, metric or "metric", anchor, curves and curves.anchor,
+                                    gap and gap.anchor, {k: v.anchor for k, v in grad_figures.items()})
+    tables = [(f"Leaderboard (best test {metric} first)" if metric else "Leaderboard", board),
+              ("More columns: best epoch, loss gap, speed and memory", more)]
     others = test_metrics_table(records, metric)
     if others is not None and len(others.columns) > 2:
         tables.append(("All test metrics", others))
@@ -238,7 +259,7 @@ def learning_curve_points(records: list[RunRecord]) -> list[dict]:
     """Long format for the learning_curves DVC template: one point per experiment, split, quantity, epoch."""
     points = []
     for r in records:
-        for quantity in ("loss", r.main_metric):
+        for quantity in (*loss_quantities(r.history), r.main_metric):
             for split in ("train", "val"):
                 for i, row in enumerate(r.history):
                     value = finite(row.get(f"{split}/{quantity}")) if quantity else None
@@ -271,8 +292,87 @@ def write_plot_data(records: list[RunRecord], out_dir: Path) -> None:
         atomic_write_text(folder / name, json.dumps(points, separators=(",", ":")) + "\n")
 
 
+# ── DVC metrics ──────────────────────────────────────────────────────────────
+def score_record(row: dict) -> dict[str, float]:
+    """One experiment's numbers for DVC: no names, ids or text (those are in the leaderboard and reports)."""
+    return {key: row[column] for column, key in SCORE_KEYS.items() if finite(row.get(column)) is not None}
+
+
+def write_scores(records: list[RunRecord], out_dir: Path) -> None:
+    def fill(folder: Path) -> None:
+        for r in records:
+            (folder / f"{r.name}.json").write_text(json.dumps(score_record(leaderboard_row(r)), indent=1) + "\n")
+    replace_dir(out_dir / SCORES, fill)  # swapped in whole: a dropped experiment's file does not linger
+
+
 # ── MLflow ───────────────────────────────────────────────────────────────────
-def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.DataFrame) -> str:
+def log_run_figures(client, records: list[RunRecord], figures_dir: Path) -> None:
+    """Each training run carries its figures under figures/: its own gradient health and confusion matrix, and
+    its group's learning curves, gaps and Pareto plot (its sample grids are logged by training itself)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.reports.figures import slug
+    for r in records:
+        run_id = r.metrics.get("mlflow_run_id")
+        if not run_id:
+            continue
+        group = slug(r.dataset or "unknown", r.task or "unknown")
+        names = [f"grad_{slug(r.name)}", f"confusion_{slug(r.name)}", f"curves_{group}", f"gap_{group}",
+                 f"pareto_{group}"]
+        try:
+            for path in (figures_dir / f"{name}.png" for name in names):
+                if path.is_file():
+                    client.log_artifact(run_id, str(path), FIGURES)
+        except MlflowException:
+            continue  # a run of another store
+
+
+def registered_model_name(dataset: str, task: str) -> str:
+    return f"{MODEL_NAME_PREFIX}-{dataset}-{task}"
+
+
+def register_champions(tracking_uri: str, records: list[RunRecord]) -> dict[str, str]:
+    """Register each dataset/task group's best model (the first of its ranked leaderboard that has an MLflow
+    model) and point the alias `champion` at it; returns {registered name: version}."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    champions = {}
+    for (dataset, task), members in group_by_dataset_task(records):
+        for r in members:
+            run_id = r.metrics.get("mlflow_run_id")
+            if r.test_value is None or not run_id or not _has_model(client, run_id):
+                continue
+            name = registered_model_name(dataset, task)
+            try:
+                version = _version_of(client, name, run_id) or mlflow.register_model(
+                    f"runs:/{run_id}/model", name, tags={"experiment": r.name}).version
+            except MlflowException:
+                continue  # a run from another store: the next in rank
+            client.set_registered_model_alias(name, CHAMPION, version)
+            champions[name] = str(version)
+            break
+    return champions
+
+
+def _has_model(client, run_id: str) -> bool:
+    try:
+        return bool(client.get_run(run_id).outputs.model_outputs)
+    except Exception:  # noqa: BLE001 - a run id from another store or a deleted run
+        return False
+
+
+def _version_of(client, name: str, run_id: str) -> str | None:
+    """The version already registered from this run (a rerun of compare registers nothing twice)."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return version.version
+    return None
+
+
+def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.DataFrame,
+               records: list[RunRecord]) -> str:
     """Log the report files as artifacts of a new `compare` run; returns its run id."""
     from pipeline.engine.tracking import Tracker
     tracker = Tracker(tracking_uri, MLFLOW_EXPERIMENT, run_name="compare",
@@ -282,6 +382,7 @@ def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.Dat
     for folder in (FIGURES, PLOTS):
         if any((out_dir / folder).iterdir()):
             tracker.client.log_artifacts(tracker.run_id, str(out_dir / folder), folder)
+    log_run_figures(tracker.client, records, out_dir / FIGURES)
     tested = frame.dropna(subset=["test_metric"])
     tracker.log_metrics({f"test_metric/{row.experiment}": row.test_metric for row in tested.itertuples()}, step=0)
     tracker.end("FINISHED")
@@ -318,9 +419,11 @@ def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str |
     replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder)))
     report = holder["report"]
     write_plot_data(records, out_dir)
+    write_scores(records, out_dir)
     atomic_write_text(out_dir / LEADERBOARD, frame.to_csv(index=False))
     atomic_write_text(out_dir / COMPARISON_MD, render_markdown(report))
     atomic_write_text(out_dir / COMPARISON_HTML, render_html(report, out_dir))
     if tracking_uri:
-        log_report(tracking_uri, out_dir, names, frame)
+        log_report(tracking_uri, out_dir, names, frame, records)
+        register_champions(tracking_uri, records)
     return frame

@@ -31,6 +31,7 @@ class Table:
     columns: list[str]
     rows: list[list[Cell]]
     numeric: set[int] = field(default_factory=set)  # column indexes aligned right
+    folded: bool = False  # shown one click away (<details>), not in the page's first view
 
 
 @dataclass
@@ -92,7 +93,10 @@ def render_markdown(report: Report) -> str:
         lines += [f'<a id="{section.anchor}"></a>', "", f"## {section.title}", ""]
         lines += [*section.notes, ""] if section.notes else []
         for heading, table in section.tables:
-            lines += [f"**{heading}**", "", markdown_table(table), ""]
+            if table.folded:  # GitHub renders <details> in markdown too
+                lines += [f"<details><summary>{heading}</summary>", "", markdown_table(table), "", "</details>", ""]
+            else:
+                lines += [f"**{heading}**", "", markdown_table(table), ""]
         for item in section.items:
             lines += [f'<a id="{item.anchor}"></a>', "", f"### {item.title}", ""]
             if isinstance(item, FigureRef):
@@ -123,6 +127,7 @@ figcaption{color:#555;font-size:12.5px;margin-top:.2rem}
 pre{background:#f6f8fa;border:1px solid #eaeef2;padding:.6rem;white-space:pre-wrap;font-size:12px}
 :target{outline:2px solid #f0b429;outline-offset:4px}
 dl dt{font-weight:600}dl dd{margin:0 0 .4rem 1rem}
+details{margin:-.6rem 0 1rem}summary{cursor:pointer;color:#0b5cad;font-size:12.5px}
 """
 
 
@@ -174,7 +179,10 @@ def render_html(report: Report, reports_dir: Path) -> str:
         parts.append(f'<section id="{_h(section.anchor)}"><h2>{_h(section.title)}</h2>')
         parts += [f"<p>{_h(note)}</p>" for note in section.notes]
         for heading, table in section.tables:
-            parts.append(f"<h3>{_h(heading)}</h3>{html_table(table)}")
+            if table.folded:
+                parts.append(f"<details><summary>{_h(heading)}</summary>{html_table(table)}</details>")
+            else:
+                parts.append(f"<h3>{_h(heading)}</h3>{html_table(table)}")
         for item in section.items:
             if isinstance(item, FigureRef):
                 src = data_uri(Path(reports_dir) / item.path)

@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
-from pipeline.reports.records import RunRecord, finite, pareto_front
+from pipeline.reports.records import RunRecord, finite, loss_quantities, pareto_front
 
 # Figures are drawn on Figure objects (no pyplot, no global figure state); Agg renders them. Set for any
 # pyplot user in the same process too: never a display backend on a headless runner.
@@ -118,11 +118,15 @@ def log_axis(axis, low: float, high: float) -> None:
     """Plain-number labels on a log axis (an axis already on a log scale).
 
     Minor ticks only at 2× and 5× and only when the range spans under two decades, where they carry
-    the labels; wider ranges have enough decades labelled. (Default minor ticks, 8 a decade, each with
+    the labels (under a factor of 4, at 1.5×, 2×, 3×, 5×, 7×, so a narrow range still shows two numbers);
+    wider ranges have enough decades labelled. (Default minor ticks, 8 a decade, each with
     its own text, were most of a figure's drawing time.)
     """
     axis.set_major_formatter(FuncFormatter(_tick_label))
-    if high > 0 and low > 0 and math.log10(high / low) < 2:
+    if high > 0 and low > 0 and math.log10(high / low) < 0.6:  # under 4×: 2× and 5× may miss it; all labelled
+        axis.set_minor_locator(LogLocator(base=10, subs=(1.5, 2.0, 3.0, 5.0, 7.0)))
+        axis.set_minor_formatter(FuncFormatter(_tick_label))
+    elif high > 0 and low > 0 and math.log10(high / low) < 2:
         axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
         axis.set_minor_formatter(FuncFormatter(_minor_tick_label))
     else:
@@ -158,14 +162,19 @@ def learning_curves(writer: FigureWriter, dataset: str, task: str, records: list
     legend_rows = math.ceil((len(drawn) + 2) / 4)
     bottom = 0.5 + 0.17 * legend_rows
     fig, axes = new_figure(7.5, 2.2 + bottom, 1, len(panels), bottom=bottom, left=0.5)
+    players = False  # a GAN's panel draws d_loss and g_loss: no single loss exists
     for ax, (key, label) in zip(axes, panels):
         values: list[float] = []
         for r in drawn:
-            for split, style in (("train", "--"), ("val", "-")):
-                xs, ys = _series(r.history, f"{split}/{key}")
-                if ys:
-                    ax.plot(xs, ys, style, color=colors[r.name], lw=1.2 if split == "val" else 0.9)
-                    values += ys
+            quantities = loss_quantities(r.history) if key == "loss" else [key]
+            players |= quantities != [key]
+            for quantity, marker in zip(quantities, ("", "o", "s", "^")):
+                for split, style in (("train", "--"), ("val", "-")):
+                    xs, ys = _series(r.history, f"{split}/{quantity}")
+                    if ys:
+                        ax.plot(xs, ys, style, marker=marker, markersize=2.5, color=colors[r.name],
+                                lw=1.2 if split == "val" else 0.9)
+                        values += ys
         _maybe_log(ax, values)
         ax.set_xlabel("epoch")
         ax.set_title(label)
@@ -173,7 +182,9 @@ def learning_curves(writer: FigureWriter, dataset: str, task: str, records: list
     _legend_below(fig, [r.name for r in drawn], colors)
     caption = (f"Learning curves on {dataset} ({task}): "
                + ("loss (left) and " + metric + " (right)" if metric else "loss")
-               + " per epoch, training dashed, validation solid.")
+               + " per epoch, training dashed, validation solid."
+               + (" A GAN has no single loss: its players' losses are drawn, the discriminator's d_loss plain, "
+                  "the generator's g_loss with dots." if players else ""))
     return writer.save(fig, f"curves_{slug(dataset, task)}", anchor_curves(dataset, task),
                        f"Learning curves — {dataset} ({task})", caption)
 
@@ -277,17 +288,44 @@ def label_points(ax, points: list[tuple[str, float, float, tuple]], fontsize: fl
         text.update_positions(renderer)
         return text, Text.get_window_extent(text, renderer)  # the words alone, not the leader line
 
-    taken = []
-    for name, x, y, color in points:
-        for offset in LABEL_OFFSETS:
-            text, box = place(name, x, y, color, offset)
-            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
-            if inside and not any(box.overlaps(o) for o in taken) and not any(box.contains(*d) for d in dots):
+    taken, leaders = [], []
+    # Right-most point first, labels to its right, leaders near-vertical: a later (left) point's leader stays left
+    # of every label placed before it, so leaders do not run through labels where a free place exists.
+    order = sorted(range(len(points)), key=lambda i: -dots[i][0])
+
+    def free(box, line, strict):
+        inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+        if not inside or any(box.overlaps(o) for o in taken) or any(box.contains(*d) for d in dots):
+            return False
+        return not strict or not (any(_crosses(seg, box) for seg in leaders)
+                                  or (line is not None and any(_crosses(line, o) for o in taken)))
+
+    for i in order:
+        name, x, y, color = points[i]
+        chosen = None
+        for strict in (True, False):
+            for offset in LABEL_OFFSETS:
+                text, box = place(name, x, y, color, offset)
+                far = offset not in LABEL_OFFSETS[:4]
+                line = (tuple(dots[i]), (box.x0 if offset[0] > 0 else box.x1, (box.y0 + box.y1) / 2)) if far else None
+                if free(box, line, strict):
+                    chosen = (box, line)
+                    break
+                text.remove()
+            if chosen:
                 break
-            text.remove()
         else:
             text, box = place(name, x, y, color, LABEL_OFFSETS[0])
-        taken.append(box)
+            chosen = (box, None)
+        taken.append(chosen[0])
+        if chosen[1] is not None:
+            leaders.append(chosen[1])
+
+
+def _crosses(segment, box, samples: int = 24) -> bool:
+    """Whether a leader line (two display points) passes through a label's box (checked at evenly spaced points)."""
+    (x0, y0), (x1, y1) = segment
+    return any(box.contains(x0 + (x1 - x0) * t / samples, y0 + (y1 - y0) * t / samples) for t in range(1, samples))
 
 
 def _tick_label(value: float, _pos=None) -> str:
@@ -311,6 +349,9 @@ def _minor_tick_label(value: float, _pos=None) -> str:
 
 
 # ── per model ────────────────────────────────────────────────────────────────
+MAX_LABELLED_ROWS = 80  # a gradient heatmap labels every layer up to this many, then every k-th
+
+
 def _tick_every(n: int, most: int) -> int:
     return max(1, math.ceil(n / most))
 
@@ -345,9 +386,12 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
     dead_label_w = 0.15 + 0.05 * max(len(_short(name)) for name in dead[0]) if dead else 0.0
     heat_w, cbar_gap, global_w, dead_w, gap = 3.2, 1.45, 2.0, 1.2, 0.55
     width = label_w + heat_w + cbar_gap + global_w + (gap + dead_label_w + dead_w if dead else 0) + 0.25
-    plot_h = 0.9 + 0.13 * min(len(layers), 40)
-    fig = Figure(figsize=(width, plot_h + 0.95))
-    place = lambda x, w: fig.add_axes((x / width, 0.5 / (plot_h + 0.95), w / width, plot_h / (plot_h + 0.95)))
+    # 0.13 in per layer: every row keeps its label (6 pt) up to MAX_LABELLED_ROWS layers.
+    plot_h = 0.9 + 0.13 * min(len(layers), MAX_LABELLED_ROWS)
+    # Below the plots 0.5 in for the epoch axis; above them 0.75 in: the panel titles, then the figure's title.
+    height = plot_h + 1.25
+    fig = Figure(figsize=(width, height))
+    place = lambda x, w: fig.add_axes((x / width, 0.5 / height, w / width, plot_h / height))
     axes = [place(label_w, heat_w), place(label_w + heat_w + cbar_gap, global_w)]
     if dead:
         axes.append(place(width - 0.25 - dead_w, dead_w))
@@ -361,7 +405,7 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
                                     ax.get_position().height))
         bar = fig.colorbar(image, cax=colorbar_ax, label="mean ‖grad‖")
         log_axis(bar.ax.yaxis, norm.vmin, norm.vmax)
-    step = _tick_every(len(layers), 16)
+    step = _tick_every(len(layers), MAX_LABELLED_ROWS)
     ax.set_yticks(range(0, len(layers), step), [labels[i] for i in range(0, len(layers), step)], fontsize=6)
     ax.set_xlabel("epoch")
     ax.set_title("per-layer gradient norm")
@@ -384,7 +428,7 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
         ax = axes[2]
         y = np.arange(len(names))
         ax.barh(y, fractions, color="#de2d26")
-        step = _tick_every(len(names), 16)
+        step = _tick_every(len(names), MAX_LABELLED_ROWS)
         ax.set_yticks(y[::step], [_short(n) for n in names[::step]], fontsize=6)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
@@ -393,7 +437,8 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
         ax.set_xlabel("fraction")
         ax.grid(axis="x", alpha=0.25)
     flags = record.raised_flags()
-    fig.suptitle(f"{record.name}: " + (", ".join(flags) if flags else "no gradient flags"), fontsize=9)
+    fig.suptitle(f"{record.name}: " + (", ".join(flags) if flags else "no gradient flags"), fontsize=9,
+                 y=1 - 0.12 / height, va="top")
     caption = (f"Gradient health of {record.name}: mean gradient norm per layer and epoch (log colour, first layer "
                "on top), the global norm's epoch mean and max"
                + (", and the fraction of dead units per layer at the last epoch." if dead else "."))

@@ -53,6 +53,14 @@ def finite(value) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def loss_quantities(history: list[dict]) -> list[str]:
+    """The losses a history holds: ['loss'], or each player's (['d_loss', 'g_loss']) where there is no single one."""
+    keys = dict.fromkeys(k.split("/", 1)[1] for row in history for k in row if k.startswith(("train/", "val/")))
+    if "loss" in keys:
+        return ["loss"]
+    return [k for k in keys if k.endswith("_loss")]
+
+
 @dataclass
 class RunRecord:
     """Everything the reports know of one experiment."""

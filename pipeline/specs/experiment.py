@@ -182,7 +182,7 @@ def parse_spec(raw: dict, source: str | Path) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(raw)
     except ValidationError as err:
-        raise from_validation_error(source, err, union_tags()) from None
+        raise from_validation_error(source, err, union_tags(), model=ExperimentSpec) from None
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:

@@ -11,7 +11,32 @@ from pipeline.specs.experiment import json_schema
 def schema_files() -> dict[str, dict]:
     """File name (relative to specs/) → schema."""
     from pipeline.specs.sweep import json_schema as sweep_schema
-    return {"schema.json": json_schema(), "sweeps/schema.json": sweep_schema()}
+    return {"schema.json": for_editors(json_schema()), "sweeps/schema.json": for_editors(sweep_schema())}
+
+
+def for_editors(node):
+    """Every discriminated union rewritten so that plain JSON-Schema validators pick the member by its tag.
+
+    Pydantic writes `oneOf` + `discriminator`; validators ignore `discriminator`, try every member and report
+    the mismatches of all of them ("'dropout', 'hidden' were unexpected" for a mistyped activation). With one
+    `if kind == tag then member` per tag, only the chosen family's schema applies, and an editor points at the
+    field that is wrong; the tag itself must be one of the tags.
+    """
+    if isinstance(node, list):
+        return [for_editors(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: for_editors(value) for key, value in node.items()}
+    tagged = node.get("discriminator")
+    if not (isinstance(tagged, dict) and "oneOf" in node and "mapping" in tagged):
+        return node
+    name, mapping = tagged["propertyName"], tagged["mapping"]
+    rest = {k: v for k, v in node.items() if k not in ("discriminator", "oneOf")}
+    return {**rest, "type": "object", "required": [name],
+            "properties": {name: {"enum": list(mapping), "description": f"Which member; one of: {', '.join(mapping)}."}},
+            "allOf": [{"if": {"properties": {name: {"const": tag, "description": f"{name} is {tag}."}},
+                              "required": [name]}, "then": {"$ref": ref}}
+                      for tag, ref in mapping.items()]}
 
 
 def render(schema: dict) -> str:

@@ -127,6 +127,14 @@ def best_summary(study, sweep: Sweep) -> dict[str, Any]:
     return out
 
 
+def terminal_table(study, sweep: Sweep) -> str:
+    """Each candidate's best trial and value (and its trial counts) as aligned text, best first."""
+    best = best_table(study, sweep, trials_table(study, sweep))
+    columns = [c for c in ("candidate", "kind", "best_trial", sweep.spec.objective.metric, *COST_KEYS.values(),
+                           "complete", "pruned", "failed") if c in best and best[c].notna().any()]
+    return best[columns].to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     def cell(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -278,6 +286,7 @@ def plot_parallel(study, sweep: Sweep, path: Path) -> bool:
 
 def plot_tradeoff(table: pd.DataFrame, sweep: Sweep, pareto: set[int], path: Path) -> bool:
     """The metric against each cost (log x), per candidate; Pareto-optimal trials ringed and joined."""
+    from pipeline.reports.figures import log_axis
     metric = sweep.spec.objective.metric
     complete = table[(table["state"] == "complete")] if len(table) else table
     costs = [c for c in (sweep.spec.objective.costs or list(COST_KEYS))
@@ -297,6 +306,8 @@ def plot_tradeoff(table: pd.DataFrame, sweep: Sweep, pareto: set[int], path: Pat
             if len(sweep.spec.objective.costs) == 1:
                 ax.step(front[COST_KEYS[cost]], front[metric], where="post", color="black", lw=0.8)
         ax.set_xscale("log")
+        values = complete[COST_KEYS[cost]].dropna()
+        log_axis(ax.xaxis, float(values.min()), float(values.max()))  # 2× and 5× labels, never 8 a decade
         ax.set_xlabel({"flops": "forward FLOPs per sample", "params": "parameters",
                        "train_time": "training time (s)"}[cost])
         ax.set_ylabel(metric)

@@ -350,6 +350,15 @@ def _checkpoint_epoch(run_dir: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["state"]["epoch"])
 
 
+def sweep_inputs(sweep: Sweep, data_meta: dict) -> dict:
+    """What a sweep reads, as content hashes: its own spec, each candidate's spec, its dataset. The DVC sweep
+    stage depends on this digest, so editing a spec the sweep does not use leaves the sweep up to date."""
+    import hashlib
+    own = hashlib.sha256(json.dumps(sweep.spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    return {"sweep": own, "candidates": {key: base.spec_hash() for key, base in sorted(sweep.bases.items())},
+            "data": {sweep.dataset: data_meta.get("content_hash")}}
+
+
 def mlflow_experiment(sweep_name: str) -> str:
     return f"sweeps/{sweep_name}"
 
@@ -533,6 +542,7 @@ class SweepResult:
     ran: int  # of which this command ran
     recovered: list[int]
     best: dict[str, Any]
+    per_architecture: str  # the best trial of each candidate, a text table for the terminal
 
 
 def preflight(sweep: Sweep, data) -> None:
@@ -557,9 +567,14 @@ def open_study(sweep: Sweep, storage_url: str, seed: int):
     study = optuna.create_study(study_name=sweep.study_name, storage=open_storage(storage_url),
                                 directions=sweep.directions, sampler=make_sampler(sweep, seed),
                                 pruner=make_pruner(sweep), load_if_exists=True)
+    objectives = [sweep.spec.objective.metric, *sweep.spec.objective.costs]
+    if study.metric_names != objectives:  # the dashboard's axis labels: val/accuracy, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 3.2 in practice
+            study.set_metric_names(objectives)
     if "sweep" not in study.user_attrs:
         study.set_user_attr("sweep", sweep.name)
-        study.set_user_attr("objectives", [sweep.spec.objective.metric, *sweep.spec.objective.costs])
+        study.set_user_attr("objectives", objectives)
         study.set_user_attr("candidates", list(sweep.spec.candidates))
     return study
 
@@ -567,14 +582,15 @@ def open_study(sweep: Sweep, storage_url: str, seed: int):
 def _parent_run(sweep: Sweep, study, tracking_uri: str | None):
     if tracking_uri is None:
         return None
-    from pipeline.engine.tracking import Tracker, git_commit
+    from pipeline.engine.tracking import Tracker, source_tags
     tracker = Tracker(tracking_uri, mlflow_experiment(sweep.name), run_id=study.user_attrs.get("mlflow_parent_run_id"),
                       run_name=study.study_name)
     if study.user_attrs.get("mlflow_parent_run_id") != tracker.run_id:
         study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
-    tracker.log_params(mlflow_params(sweep.spec.model_dump(mode="json")))
-    tracker.set_tags({"sweep": sweep.name, "sweep.study": study.study_name, "git_commit": git_commit(),
-                      "sweep.role": "parent"})
+    tracker.log_params(mlflow_params({k: v for k, v in sweep.spec.model_dump(mode="json").items()
+                                      if k != "description"}))
+    tracker.set_tags({"sweep": sweep.name, "sweep.study": study.study_name, "sweep.role": "parent",
+                      **source_tags(sweep.path, sweep.spec.description)})
     tracker.log_artifact(sweep.path)
     return tracker
 
@@ -607,7 +623,7 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
               specs_dir: str | Path = "specs") -> SweepResult:
     """Create or continue the study, run K workers until the budget is spent, then write the report."""
     from pipeline.data.prepare import load_prepared
-    from pipeline.sweeps.report import best_summary, write_report
+    from pipeline.sweeps.report import best_summary, terminal_table, write_report
     data = load_prepared(data_dir)
     preflight(sweep, data)
     study = open_study(sweep, storage_url, sweep.spec.seed)
@@ -648,4 +664,4 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
                 parent.log_artifact(path, "report")
         parent.end("FINISHED")
     return SweepResult(study.study_name, storage_url, Path(report_dir), trials_used(study),
-                       trials_used(study) - before, recovered, best)
+                       trials_used(study) - before, recovered, best, terminal_table(study, sweep))

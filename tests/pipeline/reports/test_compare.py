@@ -106,8 +106,13 @@ def md_tables(markdown: str) -> list[list[dict[str, str]]]:
 
 
 def leaderboard_rows(markdown: str) -> dict[str, dict[str, str]]:
-    return {row["experiment"]: row for table in md_tables(markdown) for row in table
-            if "#" in row and "experiment" in row}
+    """Each experiment's leaderboard cells, its first view and its folded columns together."""
+    rows: dict[str, dict[str, str]] = {}
+    for table in md_tables(markdown):
+        for row in table:
+            if "#" in row and "experiment" in row:
+                rows.setdefault(row["experiment"], {}).update(row)
+    return rows
 
 
 def measured_flags(diag: dict) -> set[str]:
@@ -449,4 +454,68 @@ def test_pareto_labels_of_crowded_points_do_not_overlap():
         boxes.append(Text.get_window_extent(text, renderer))
     assert sorted(t.get_text() for t in ax.texts) == sorted(name for name, *_ in points)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    assert ax.texts[-1].xyann in LABEL_OFFSETS[:4]  # a lone point's label stays beside it, with no leader line
+    lone = next(t for t in ax.texts if t.get_text() == "far_away")
+    assert lone.xyann in LABEL_OFFSETS[:4]  # a lone point's label stays beside it, with no leader line
+
+
+def test_a_deep_models_gradient_figure_labels_every_layer_and_keeps_its_titles_apart(tmp_path):
+    from pipeline.reports import figures as rf
+    from pipeline.reports.records import load_run
+    layers = [f"blocks.{i}.attn.qkv" for i in range(44)]
+    fx.write_run(tmp_path / "runs", "deep", test={"accuracy": 0.9}, diag=fx.diagnostics(6, layers))
+    kept = {}
+
+    class Keep(rf.FigureWriter):
+        def save(self, fig, stem, anchor, title, caption):
+            kept["fig"] = fig
+            return super().save(fig, stem, anchor, title, caption)
+
+    assert rf.grad_health(Keep(tmp_path / "figures"), load_run("deep", tmp_path / "runs")) is not None
+    fig = kept["fig"]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    heatmap = fig.axes[0]
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == [rf._short(name) for name in layers]
+    boxes = sorted((t.get_window_extent(renderer) for t in heatmap.get_yticklabels()), key=lambda b: b.y0)
+    assert all(a.y1 <= b.y0 + 0.5 for a, b in zip(boxes, boxes[1:])), "row labels overlap"
+    title = fig._suptitle.get_window_extent(renderer)
+    assert all(not title.overlaps(ax.title.get_window_extent(renderer)) for ax in fig.axes if ax.get_title())
+
+
+# mnist1d in the README's run: test accuracy, forward FLOPs per sample, training time (s)
+MNIST1D = {"mnist1d_mlp": (0.639, 1.57e5, 2.7), "mnist1d_cnn": (0.985, 1.33e6, 7.9), "mnist1d_rnn": (0.588, 1.32e6, 9.6),
+           "mnist1d_lstm": (0.963, 5.29e6, 19.8), "mnist1d_gru": (0.971, 3.97e6, 15.8),
+           "mnist1d_bigru": (0.962, 4.47e6, 24.0), "mnist1d_transformer": (0.894, 2.26e6, 27.4)}
+
+
+def test_the_mnist1d_pareto_labels_neither_overlap_nor_lie_under_a_leader_line(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from pipeline.reports import figures as rf
+    from pipeline.reports.records import load_run
+    for name, (accuracy, flops, seconds) in MNIST1D.items():
+        fx.write_run(tmp_path / "runs", name, dataset="mnist1d", test={"accuracy": accuracy},
+                     cost_=fx.cost(1000, flops, seconds))
+    records = [load_run(name, tmp_path / "runs") for name in MNIST1D]
+    kept = {}
+
+    class Keep(rf.FigureWriter):
+        def save(self, fig, stem, anchor, title, caption):
+            kept["fig"] = fig
+            return super().save(fig, stem, anchor, title, caption)
+
+    assert rf.pareto(Keep(tmp_path / "figures"), "mnist1d", "classify", records, rf.colors_for(records), "max")
+    fig = kept["fig"]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in fig.axes:
+        boxes = []
+        for text in ax.texts:
+            text.update_positions(renderer)
+            boxes.append(Text.get_window_extent(text, renderer))
+        assert sorted(t.get_text() for t in ax.texts) == sorted(MNIST1D)
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        leaders = [(i, (tuple(ax.transData.transform(t.xy)), (b.x0 if t.xyann[0] > 0 else b.x1, (b.y0 + b.y1) / 2)))
+                   for i, (t, b) in enumerate(zip(ax.texts, boxes)) if t.arrow_patch is not None]
+        assert not [(ax.texts[i].get_text(), ax.texts[j].get_text()) for i, line in leaders
+                    for j, box in enumerate(boxes) if j != i and rf._crosses(line, box)]

@@ -68,7 +68,14 @@ train: {epochs: 1}
 
 BAD_SPECS = {
     # case: (file content, field named in the message, words in the message)
-    "misspelled_field": (VALID.replace("hidden: [16]", "hiden: [16]"), "model.hiden", "Extra inputs are not permitted"),
+    "misspelled_field": (VALID.replace("hidden: [16]", "hiden: [16]"), "model.hiden",
+                         "Extra inputs are not permitted (did you mean 'hidden'?)"),
+    "misspelled_value": (VALID.replace("hidden: [16]", "hidden: [16], activation: rellu"), "model.activation",
+                         "(did you mean 'relu'?)"),
+    "misspelled_kind": (VALID.replace("kind: mlp", "kind: mpl"), "model", "(did you mean 'mlp'?)"),
+    "misspelled_nested_field": (VALID.replace("train: {epochs: 1}", "train: {epochs: 1, optimizer: {lr: 0.1, "
+                                                                      "wieght_decay: 0.1}}"),
+                                "train.optimizer.wieght_decay", "(did you mean 'weight_decay'?)"),
     "wrong_type": (VALID.replace("epochs: 1", "epochs: many"), "train.epochs", "valid integer"),
     "negative_size": (VALID.replace("[16]", "[-4]"), "model.hidden[0]", "greater than 0"),
     "unknown_kind": (VALID.replace("kind: mlp", "kind: perceptron"), "model", "does not match any of the expected tags"),
@@ -104,6 +111,32 @@ def test_bad_spec_exits_2_naming_file_and_field_and_writes_nothing(case, verb, p
     assert words in err, err
     assert "Traceback" not in err
     assert files_under(project) == before, "a bad spec must leave nothing behind"
+
+
+def test_a_far_miss_gets_no_suggestion(project, capsys):
+    (project / "bad.yaml").write_text(VALID.replace("kind: mlp", "kind: perceptron"))
+    assert main(["validate", "bad.yaml"]) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_an_editor_schema_validator_points_at_the_mistyped_field_not_at_other_families():
+    """JSON-Schema validators ignore `discriminator`: the schema picks the family by `kind` with if/then."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+    schema = schema_files()["schema.json"]
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in SPEC_FILES:
+        assert not list(validator.iter_errors(yaml.safe_load(path.read_text()))), path
+    spec = yaml.safe_load(VALID)
+    spec["model"]["activation"] = "rellu"
+    [error] = validator.iter_errors(spec)
+    assert list(error.absolute_path) == ["model", "activation"] and "'rellu' is not one of" in error.message
+    spec["model"] = {"kind": "cnn", "layers": [{"type": "conv", "chanels": 4, "kernel": 3}]}
+    errors = {(tuple(e.absolute_path), e.message) for e in validator.iter_errors(spec)}
+    assert ((("model", "layers", 0), "Additional properties are not allowed ('chanels' was unexpected)") in errors)
+    spec["model"] = {"kind": "perceptron"}
+    [error] = validator.iter_errors(spec)
+    assert list(error.absolute_path) == ["model", "kind"]
 
 
 def test_missing_spec_file(project, capsys):

@@ -254,6 +254,8 @@ def test_mlflow_holds_a_parent_run_and_one_child_per_trial_with_its_state(lab):
     assert len(client.get_metric_history(children[2].info.run_id, "val/accuracy")) == pruned_epochs
     assert children[2].info.status == "KILLED"
     assert parent.data.metrics["best/val/accuracy"] == study.best_value
+    assert parent.data.tags["mlflow.source.name"].endswith("tiny_sweep.yaml") and parent.data.tags["mlflow.user"]
+    assert "mlflow.source.git.commit" in parent.data.tags and "description" not in parent.data.params
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
         "report/best_per_architecture.csv", "report/optimization_history.png"}
 
@@ -296,6 +298,17 @@ def test_the_exported_best_spec_validates_and_reproduces_its_trial(lab, capsys):
 def test_rerunning_continues_the_study_and_a_bigger_budget_tops_it_up(lab, capsys):
     path = write_sweep(lab, sweep_dict(budget={"trials": 2, "epochs": 1}))
     assert main(["sweep", str(path), "--no-track"]) == 0
+    storage = open_storage(default_storage_url(lab / "sweeps", "tiny_sweep"))
+    [name] = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.metric_names == ["val/accuracy"]  # what optuna-dashboard labels the objective with
+    first = capsys.readouterr().out
+    best = study.best_trial
+    assert f"best {best.params['candidate']} (trial {best.number}, val/accuracy {best.value:.4g})" in first
+    # the terminal shows each architecture's best trial and value, not only the report
+    table = first.split("best trial per architecture (val/accuracy):\n", 1)[1].splitlines()
+    assert table[0].split()[:4] == ["candidate", "kind", "best_trial", "val/accuracy"]
+    assert {line.split()[0] for line in table[1:]} == {"mlp", "cnn"}
     assert main(["sweep", str(path), "--no-track"]) == 0
     assert "2 trials (0 new)" in capsys.readouterr().out
     write_sweep(lab, sweep_dict(budget={"trials": 3, "epochs": 1}))
@@ -350,3 +363,45 @@ def test_the_default_sweep_validates_against_the_repo_specs():
     sweep = load_sweep(REPO / "specs/sweeps/mnist1d_arch.yaml", REPO / "specs")
     assert {"mlp", "cnn", "gru", "transformer"} <= set(sweep.spec.candidates) and sweep.dataset == "mnist1d"
     assert sweep.spec.budget.trials and sweep.spec.budget.timeout_s
+
+
+def test_the_sweep_inputs_digest_changes_only_with_what_the_sweep_reads(lab):
+    path = write_sweep(lab, sweep_dict())
+    out = lab / "sweeps" / "tiny_sweep.inputs.json"
+
+    def digest() -> str:
+        assert main(["sweep", str(path), "--write-inputs", str(out)]) == 0
+        return out.read_text()
+
+    first = digest()
+    assert set(json.loads(first)["candidates"]) == {"mlp", "cnn"}
+    assert not (lab / "sweeps" / "tiny_sweep.journal").exists()  # only the digest: no study, no trial
+    (lab / "specs" / "unrelated.yaml").write_text(yaml.safe_dump({**MLP, "name": "unrelated"}))
+    (lab / "specs" / "tiny_mlp.yaml").write_text("# a comment changes nothing\n" + yaml.safe_dump(MLP))
+    assert digest() == first
+    (lab / "specs" / "tiny_mlp.yaml").write_text(yaml.safe_dump({**MLP, "model": {"kind": "mlp", "hidden": [32]}}))
+    assert digest() != first
+
+
+def test_the_metric_against_time_plot_labels_a_narrow_log_axis_without_overlap(lab, monkeypatch, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from pipeline.specs.sweep import COST_KEYS
+    from pipeline.sweeps.report import plot_tradeoff
+    sweep = load_sweep(write_sweep(lab, sweep_dict()), lab / "specs")
+    # training times of 1.2-3.4 s: a fraction of a decade, where default log ticks print crowded minor labels
+    table = pd.DataFrame([{"trial": i, "state": "complete", "candidate": "mlp" if i % 2 else "cnn",
+                           "val/accuracy": 0.5 + 0.04 * i, COST_KEYS["flops"]: 1000.0 * (i + 1),
+                           COST_KEYS["params"]: 100 + 10 * i, COST_KEYS["train_time"]: 1.2 + 0.25 * i}
+                          for i in range(10)])
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figure to measure its labels
+    assert plot_tradeoff(table, sweep, set(), tmp_path / "tradeoff.png")
+    fig = plt.gcf()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.xaxis.get_ticklabels(minor=False) + ax.xaxis.get_ticklabels(minor=True)
+                  if t.get_text() and t.get_visible() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        assert len(boxes) >= 2, "a narrow axis still carries numbers"
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+    plt.close("all")
