@@ -41,7 +41,7 @@ class ResidualBlock(nn.Module):
     """y = act(F(x) + shortcut(x)); F is basic or bottleneck; without `skip`, y = act(F(x))."""
 
     def __init__(self, dims: int, c_in: int, c_out: int, stride: int, block: BlockName, bottleneck_ratio: int,
-                 activation: ActivationName, skip: bool, norm: NormName):
+                 activation: ActivationName, skip: bool, norm: NormName = "batch"):
         super().__init__()
         if block == "basic":  # 3x3 (stride) → BN → act → 3x3 → BN
             self.body = nn.Sequential(conv_bn(dims, c_in, c_out, 3, stride, norm), make_activation(activation),
