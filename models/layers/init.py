@@ -81,16 +81,25 @@ def _orthogonal_gates(cell: nn.Module, gain: float) -> None:
             nn.init.orthogonal_(block, gain=gain)
 
 
+def connection_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices of every linear and convolutional layer (recurrent cells' too), each once; not
+    biases, norms, or embedding tables (nor an output layer tied to one). What `init` redraws and L1 penalises."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, _WEIGHTED) and id(module.weight) not in embedded:
+            seen.setdefault(id(module.weight), module.weight)
+    return list(seen.values())
+
+
 def initialise(model: nn.Module, spec: InitSpec) -> None:
     """Apply `spec` to a freshly built model; `default` with `recurrent: same` touches nothing (draws nothing)."""
     if spec.scheme == "default" and spec.recurrent == "same":
         return
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     if spec.scheme != "default":
-        for module in model.modules():
-            if isinstance(module, _WEIGHTED) and id(module.weight) not in embedded:
-                with torch.no_grad():
-                    _draw(module.weight, spec)
+        with torch.no_grad():
+            for weight in connection_weights(model):
+                _draw(weight, spec)
     if spec.recurrent == "orthogonal":
         cells = [m for m in model.modules() if isinstance(m, _CELLS)]
         if not cells:

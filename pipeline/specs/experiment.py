@@ -31,6 +31,10 @@ class OptimizerSpec(StrictModel):
     name: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="Optimizer.")
     lr: PositiveFloat = Field(default=1e-3, description="Peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty (decoupled for adamw).")
+    l1: float = Field(default=0.0, ge=0.0, description="L1 penalty: l1 · Σ|w| over the weight matrices of every "
+                      "linear and convolutional layer is added to the loss that is optimised (not to the reported "
+                      "loss). Biases, norm scales and embedding tables are left out, as their size says nothing "
+                      "about how many connections the network uses. 0 (the default): no penalty.")
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
     nesterov: bool = Field(default=False, description="Nesterov momentum (sgd only).")
     betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam betas (adam, adamw only).")
