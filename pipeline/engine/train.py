@@ -271,6 +271,7 @@ class Trainer:
                 self.monitor.after_backward(phase.name)
                 if clip:
                     nn.utils.clip_grad_norm_(phase.params, clip, foreach=True)
+                    self.monitor.after_clip(phase.name)
                 opt.step()
                 accumulate(total, {f"{phase.name}:{k}" if len(self.phases) > 1 else k: v for k, v in stats.items()})
             self.monitor.after_step()
