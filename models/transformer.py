@@ -236,9 +236,9 @@ class TransformerSpec(ModelSpecBase):
 
     @model_validator(mode="after")
     def _causal_needs_a_decoder(self) -> TransformerSpec:
-        if "causal" in self.model_fields_set and self.shape == "encoder":
-            raise ValueError("causal applies to shapes decoder and encoder_decoder only (an encoder attends both "
-                             "ways); remove it")
+        if not self.causal and self.shape == "encoder":  # by value: a dumped spec (causal: true) validates again
+            raise ValueError("causal: false applies to shapes decoder and encoder_decoder only (an encoder "
+                             "attends both ways already); remove it")
         return self
 
     def served_tasks(self) -> frozenset[str]:

@@ -56,7 +56,8 @@ class InitSpec(StrictModel):
             raise ValueError("scheme normal needs `std`, the weights' standard deviation")
         if self.std is not None and self.scheme != "normal":
             raise ValueError(f"std applies to scheme normal only (this one is {self.scheme}); remove it")
-        if "gain" in self.model_fields_set and self.scheme in ("default", "normal") and self.recurrent == "same":
+        # judged by value, not by whether it was written: a dumped spec (gain: 1.0) must validate again
+        if self.gain != 1.0 and self.scheme in ("default", "normal") and self.recurrent == "same":
             raise ValueError(f"gain applies to schemes xavier, he and orthogonal and to recurrent: orthogonal "
                              f"(this one is scheme {self.scheme}); remove it")
         return self

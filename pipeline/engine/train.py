@@ -301,7 +301,8 @@ class Trainer:
         if self.open_tracker is not None:
             self.tracker = self.open_tracker(self.state.run_id)
             self.state.run_id = self.tracker.run_id
-        progress = Progress(spec.name, spec.train.epochs, self.state.epoch) if self.show_progress else None
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the budget that binds, in epochs
+        progress = Progress(spec.name, epochs, self.state.epoch) if self.show_progress else None
         es = spec.train.early_stopping
         monitor_key = es.monitor if es else f"val/{self.task.metric}"
         mode = es.mode if es else self.task.mode

@@ -66,9 +66,11 @@ class AugmentSpec(StrictModel):
 
 
 class TrainSpec(StrictModel):
-    epochs: PositiveInt = Field(default=20, description="Epoch budget.")
-    max_steps: PositiveInt | None = Field(default=None, description="Optional step budget; training stops at "
-                                          "whichever budget ends first.")
+    epochs: PositiveInt = Field(default=20, description="Epoch budget (default 20). With `max_steps` and no "
+                                "`epochs`, the step budget alone decides: epochs is then set to max_steps, which "
+                                "no run reaches first (an epoch has at least one step).")
+    max_steps: PositiveInt | None = Field(default=None, description="Optional step budget; with `epochs` also "
+                                          "given, training stops at whichever budget ends first.")
     batch_size: PositiveInt = Field(default=128, description="Samples per optimisation step.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and its settings.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
@@ -82,6 +84,14 @@ class TrainSpec(StrictModel):
                                                    "else cpu.")
     checkpoint_every_s: float = Field(default=10.0, ge=0.0, description="Write a checkpoint at the end of an epoch "
                                       "at most this often (0: every epoch); the last epoch is always written.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_alone_decide(cls, data: object) -> object:
+        """max_steps without epochs is a step budget, not one silently capped by the default 20 epochs."""
+        if isinstance(data, dict) and data.get("max_steps") is not None and "epochs" not in data:
+            return {**data, "epochs": data["max_steps"]}
+        return data
 
 
 class DiagnosticsSpec(StrictModel):

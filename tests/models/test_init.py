@@ -128,8 +128,10 @@ def test_init_fields_that_mean_nothing_are_errors(fields, words):
         InitSpec(**fields)
 
 
-def test_a_recurrent_gain_alone_is_fine():
+def test_a_recurrent_gain_alone_is_fine_and_a_dumped_init_validates_again():
     assert InitSpec(recurrent="orthogonal", gain=1.5).gain == 1.5
+    for spec in (InitSpec(), InitSpec(scheme="normal", std=0.1), InitSpec(scheme="he", gain=2.0)):
+        assert InitSpec.model_validate(spec.model_dump()) == spec
 
 
 def write_spec(folder, model: str):

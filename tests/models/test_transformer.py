@@ -183,8 +183,8 @@ def test_a_decoder_only_transformer_cannot_do_seq2seq(project, capsys):
     ("digits", "classify", "encoder", ", patch: 3", "model.patch", "does not divide"),
     ("digits", "classify", "encoder", ", heads: 3", "model.heads", "divisible by heads"),
     ("digits", "lm", "decoder", "", "task", "lm needs text data, but dataset 'digits' holds class data"),
-    ("digits", "classify", "encoder", ", causal: false", "model", "causal applies to shapes decoder and "
-     "encoder_decoder only"),
+    ("digits", "classify", "encoder", ", causal: false", "model", "causal: false applies to shapes decoder "
+     "and encoder_decoder only"),
     ("digits", "classify", "encoder", ", positional: off", "model.positional", "'sinusoidal', 'learned' or 'none'"),
     ("digits", "classify", "encoder", ", residual: maybe", "model.residual", "valid boolean"),
 ])
@@ -251,3 +251,8 @@ def test_residual_and_layer_norm_can_each_be_removed(norm):
         layer.ffn.w2.weight.zero_()
         layer.ffn.w2.bias.zero_()
     torch.testing.assert_close(layer(h), layer.attn_residual(h, lambda t: layer.self_attn(t, t, t)))
+
+
+def test_a_dumped_encoder_spec_with_causal_true_validates_again():
+    encoder = spec(shape="encoder")
+    assert TransformerSpec.model_validate(encoder.model_dump()) == encoder

@@ -97,6 +97,16 @@ def test_step_budget_stops_mid_epoch(tmp_path):
     assert metrics["epochs"] == 2  # 96 samples / 16 = 6 steps per epoch
 
 
+def test_max_steps_alone_is_not_capped_by_the_default_epochs(tmp_path):
+    raw = make_spec().model_dump()
+    del raw["train"]["epochs"]
+    raw["train"]["max_steps"] = 130  # 6 steps per epoch: more than the default 20 epochs' 120
+    spec = ExperimentSpec.model_validate(raw)
+    assert spec.train.epochs == 130
+    metrics = Trainer(spec, tiny_classification(), tmp_path, progress=False).run()
+    assert metrics["steps"] == 130 and metrics["epochs"] == 22
+
+
 @pytest.mark.parametrize("name", ["constant", "step", "cosine"])
 def test_schedules_warm_up_linearly_then_follow_their_shape(name):
     spec = ScheduleSpec(name=name, warmup_epochs=2, step_epochs=3, gamma=0.5, min_lr_ratio=0.1)
