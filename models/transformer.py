@@ -22,8 +22,7 @@ from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName
 from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
-from models.layers.transformer_layers import (LayerParts, NormPlacement, TokenEmbedding, decoder_stack,
-                                             encoder_stack)
+from models.layers.transformer_layers import LayerParts, NormPlacement, TokenEmbedding, decoder_stack, encoder_stack
 from models.registry import DataShape, register
 from models.tokens import BOS, EOS, PAD
 

@@ -8,7 +8,6 @@ from pydantic import Field, PositiveInt, model_validator
 
 from models.base import StrictModel
 
-
 # ── dataset specs (declared under `datasets:` in params.yaml) ────────────────
 NormaliseName = Literal["auto", "none", "global", "channel", "feature"]
 

@@ -107,7 +107,7 @@ def test_recurrent_orthogonal_makes_every_gate_block_orthogonal(cell, gates):
 def test_tied_embeddings_are_left_alone():
     from models.transformer import TransformerSpec
     lm = DataShape(input_shape=(12,), output_size=7, vocab_size=7, max_len=12)
-    fields = dict(kind="transformer", shape="decoder", d_model=16, heads=2, layers=1)
+    fields = {"kind": "transformer", "shape": "decoder", "d_model": 16, "heads": 2, "layers": 1}
     torch.manual_seed(0)
     default = build_model(TransformerSpec(**fields), lm)
     torch.manual_seed(0)

@@ -183,8 +183,8 @@ def test_a_decoder_only_transformer_cannot_do_seq2seq(project, capsys):
     ("digits", "classify", "encoder", ", patch: 3", "model.patch", "does not divide"),
     ("digits", "classify", "encoder", ", heads: 3", "model.heads", "divisible by heads"),
     ("digits", "lm", "decoder", "", "task", "lm needs text data, but dataset 'digits' holds class data"),
-    ("digits", "classify", "encoder", ", causal: false", "model", "causal: false applies to shapes decoder "
-     "and encoder_decoder only"),
+    ("digits", "classify", "encoder", ", causal: false", "model",
+     "causal: false applies to shapes decoder and encoder_decoder only"),
     ("digits", "classify", "encoder", ", positional: off", "model.positional", "'sinusoidal', 'learned' or 'none'"),
     ("digits", "classify", "encoder", ", residual: maybe", "model.residual", "valid boolean"),
 ])
