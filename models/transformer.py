@@ -22,7 +22,14 @@ from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName
 from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
-from models.layers.transformer_layers import LayerParts, NormPlacement, TokenEmbedding, decoder_stack, encoder_stack
+from models.layers.transformer_layers import (
+    FULL_PARTS,
+    LayerParts,
+    NormPlacement,
+    TokenEmbedding,
+    decoder_stack,
+    encoder_stack,
+)
 from models.registry import DataShape, register
 from models.tokens import BOS, EOS, PAD
 
@@ -86,7 +93,8 @@ class EncoderClassifier(Model):
 
     def __init__(self, input_shape: tuple[int, ...], patch: int, d_model: int, heads: int, layers: int, d_ff: int,
                  activation: ActivationName, dropout: float, attention_dropout: float, positional: PositionalName,
-                 norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int, parts: LayerParts):
+                 norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int,
+                 parts: LayerParts = FULL_PARTS):
         super().__init__()
         self.patches = PatchTokens(input_shape, patch, d_model)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if pooling == "cls" else None
@@ -109,7 +117,8 @@ class EncoderDecoder(Model):
 
     def __init__(self, vocab_size: int, max_positions: int, d_model: int, heads: int, layers: int, d_ff: int,
                  activation: ActivationName, dropout: float, attention_dropout: float, positional: PositionalName,
-                 norm: NormPlacement, tie_embeddings: bool, target_len: int, parts: LayerParts, causal: bool):
+                 norm: NormPlacement, tie_embeddings: bool, target_len: int, parts: LayerParts = FULL_PARTS,
+                 causal: bool = True):
         super().__init__()
         self.embed = TokenEmbedding(vocab_size, d_model, padding_idx=PAD)  # one vocabulary for source and target
         self.positions = make_positions(positional, max_positions, d_model)
@@ -162,7 +171,7 @@ class DecoderOnly(Model):
 
     def __init__(self, vocab_size: int, context: int, d_model: int, heads: int, layers: int, d_ff: int,
                  activation: ActivationName, dropout: float, attention_dropout: float, positional: PositionalName,
-                 norm: NormPlacement, tie_embeddings: bool, parts: LayerParts, causal: bool):
+                 norm: NormPlacement, tie_embeddings: bool, parts: LayerParts = FULL_PARTS, causal: bool = True):
         super().__init__()
         self.context, self.causal = context, causal
         self.embed = TokenEmbedding(vocab_size, d_model)

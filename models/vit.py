@@ -18,7 +18,7 @@ from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName
 from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
-from models.layers.transformer_layers import LayerParts, NormPlacement, encoder_stack
+from models.layers.transformer_layers import FULL_PARTS, LayerParts, NormPlacement, encoder_stack
 from models.registry import DataShape, register
 
 
@@ -39,7 +39,7 @@ class ViT(Model):
     def __init__(self, image_shape: tuple[int, int, int], patch: int, d_model: int, depth: int, heads: int,
                  d_ff: int, activation: ActivationName, dropout: float, attention_dropout: float,
                  positional: PositionalName, norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int,
-                 parts: LayerParts):
+                 parts: LayerParts = FULL_PARTS):
         super().__init__()
         channels, height, width = image_shape
         self.image_shape = image_shape

@@ -46,10 +46,13 @@ class LayerParts:
         return nn.LayerNorm(d_model) if self.layer_norm else nn.Identity()
 
 
+FULL_PARTS = LayerParts()  # both on: the Transformer as published (the default everywhere)
+
+
 class Residual(nn.Module):
     """Residual connection + LayerNorm around one sub-layer, post- or pre-norm; either part can be left out."""
 
-    def __init__(self, d_model: int, norm: NormPlacement, dropout: float, parts: LayerParts = LayerParts()):
+    def __init__(self, d_model: int, norm: NormPlacement, dropout: float, parts: LayerParts = FULL_PARTS):
         super().__init__()
         self.norm = parts.norm(d_model)
         self.pre = norm == "pre"
@@ -68,7 +71,7 @@ class EncoderLayer(nn.Module):
     """Self-attention, then FFN. With `causal`, each position sees only itself and earlier ones (a GPT block)."""
 
     def __init__(self, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                 attention_dropout: float, norm: NormPlacement, parts: LayerParts = LayerParts()):
+                 attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ffn = FeedForward(d_model, d_ff, activation, dropout)
@@ -85,7 +88,7 @@ class DecoderLayer(nn.Module):
     Without `causal` (an ablation) the self-attention sees the whole target, the future included."""
 
     def __init__(self, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                 attention_dropout: float, norm: NormPlacement, parts: LayerParts = LayerParts(), causal: bool = True):
+                 attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS, causal: bool = True):
         super().__init__()
         self.causal = causal
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
@@ -107,7 +110,7 @@ class DecoderLayer(nn.Module):
 class LayerStack(nn.Module):
     """N identical layers; under pre-norm a final LayerNorm, since the residual stream is never normalised."""
 
-    def __init__(self, layers: list[nn.Module], d_model: int, norm: NormPlacement, parts: LayerParts = LayerParts()):
+    def __init__(self, layers: list[nn.Module], d_model: int, norm: NormPlacement, parts: LayerParts = FULL_PARTS):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.final_norm = parts.norm(d_model) if norm == "pre" else nn.Identity()
@@ -119,13 +122,13 @@ class LayerStack(nn.Module):
 
 
 def encoder_stack(layers: int, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                  attention_dropout: float, norm: NormPlacement, parts: LayerParts = LayerParts()) -> LayerStack:
+                  attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS) -> LayerStack:
     return LayerStack([EncoderLayer(d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts)
                        for _ in range(layers)], d_model, norm, parts)
 
 
 def decoder_stack(layers: int, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                  attention_dropout: float, norm: NormPlacement, parts: LayerParts = LayerParts(),
+                  attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS,
                   causal: bool = True) -> LayerStack:
     return LayerStack([DecoderLayer(d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts, causal)
                        for _ in range(layers)], d_model, norm, parts)
