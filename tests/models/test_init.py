@@ -14,7 +14,9 @@ from models.mlp import MLP, MLPSpec
 from models.registry import DataShape
 from models.rnn import RNNSpec
 from pipeline.cli import main
-from tests.conftest import validate_error, write_spec as write_spec_file
+from pipeline.engine.train import Trainer
+from pipeline.specs.experiment import ExperimentSpec
+from tests.conftest import tiny_classification, validate_error, write_spec as write_spec_file
 
 FLAT = DataShape(input_shape=(6,), output_size=3)
 WIDE = DataShape(input_shape=(1000,), output_size=3)
@@ -37,6 +39,17 @@ def test_an_mlp_with_identity_activations_is_one_linear_map():
     with torch.no_grad():  # the control: the same net with relu is not linear
         relu = mlp(activation="relu").eval()
         assert not torch.allclose(relu(x), x @ (relu(torch.eye(6)) - relu(torch.zeros(1, 6))) + relu(torch.zeros(1, 6)))
+
+
+def test_an_mlp_without_hidden_layers_is_logistic_regression(tmp_path):
+    model = mlp(hidden=[])
+    assert [type(m) for m in model.modules() if not isinstance(m, (MLP, torch.nn.Sequential))] == [torch.nn.Linear]
+    assert sum(p.numel() for p in model.parameters()) == 6 * 3 + 3
+    spec = ExperimentSpec.model_validate({"name": "logreg", "data": {"dataset": "tiny"}, "task": "classify",
+                                          "model": {"kind": "mlp", "hidden": []},
+                                          "train": {"epochs": 5, "batch_size": 16, "checkpoint_every_s": 0}})
+    metrics = Trainer(spec, tiny_classification(), tmp_path, progress=False).run()  # diagnostics included
+    assert metrics["status"] == "finished" and metrics["final"]["val/accuracy"] > 0.8, metrics["final"]
 
 
 def test_the_default_init_draws_nothing_so_default_weights_are_unchanged():
