@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Protocol
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from models.base import StrictModel
+from models.layers.init import InitSpec
 
 Stats = dict[str, torch.Tensor]  # summable statistics of a batch, kept on the device
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Stats]]
@@ -57,6 +59,8 @@ class ModelSpecBase(StrictModel):
     """Every family's spec: `tasks` is the set of tasks the family can serve."""
 
     tasks: ClassVar[frozenset[str]]
+    init: InitSpec = Field(default_factory=InitSpec, description="How the weight matrices start; the default "
+                           "keeps the family's own initialisation.")
 
     def served_tasks(self) -> frozenset[str]:
         """The tasks this configuration serves; a family whose shape decides it (a decoder-only

@@ -6,6 +6,8 @@ from typing import Callable, Protocol
 
 from torch import nn
 
+from models.layers.init import initialise
+
 
 @dataclass(frozen=True)
 class DataShape:
@@ -56,5 +58,7 @@ def registered_specs() -> tuple[type, ...]:
 
 
 def build_model(spec, shape: DataShape) -> nn.Module:
-    """Build the module for a model spec (any member of models.ModelSpec)."""
-    return _BUILDERS[spec.kind](spec, shape)
+    """Build the module for a model spec (any member of models.ModelSpec), then apply its `init`."""
+    model = _BUILDERS[spec.kind](spec, shape)
+    initialise(model, spec.init)
+    return model

@@ -5,7 +5,8 @@ A residual block computes y = act(F(x) + shortcut(x)), where F is two 3x3 convol
 1x1 → 3x3 → 1x1 "bottleneck", each followed by batch norm. The shortcut is the identity, or a strided 1x1
 convolution with batch norm (the paper's projection shortcut, option B) where the block changes the width or
 the resolution. With `skip: false` the shortcut is left out: the "plain" network of the same depth that the
-paper compares against.
+paper compares against. With `norm: none` every batch norm is left out (each convolution gets a bias instead),
+so depth can be studied without normalisation too.
 
 1-D or 2-D is chosen from the input, as in the cnn family: (L,) and (C, L) give Conv1d, (C, H, W) Conv2d.
 """
@@ -24,11 +25,15 @@ from models.layers.activations import ActivationName, make_activation
 from models.registry import DataShape, register
 
 BlockName = Literal["basic", "bottleneck"]
+NormName = Literal["batch", "none"]
 
 
 # ── blocks ────────────────────────────────────────────────────────────────────
-def conv_bn(dims: int, c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
-    """Convolution (no bias: batch norm's shift replaces it) followed by batch norm."""
+def conv_bn(dims: int, c_in: int, c_out: int, kernel: int, stride: int = 1, norm: NormName = "batch") -> nn.Sequential:
+    """Convolution (no bias: batch norm's shift replaces it) followed by batch norm; with norm none, a
+    convolution with its own bias and nothing after it."""
+    if norm == "none":
+        return nn.Sequential(_CONV[dims](c_in, c_out, kernel, stride, kernel // 2, bias=True))
     return nn.Sequential(_CONV[dims](c_in, c_out, kernel, stride, kernel // 2, bias=False), _NORM[dims](c_out))
 
 
@@ -36,22 +41,22 @@ class ResidualBlock(nn.Module):
     """y = act(F(x) + shortcut(x)); F is basic or bottleneck; without `skip`, y = act(F(x))."""
 
     def __init__(self, dims: int, c_in: int, c_out: int, stride: int, block: BlockName, bottleneck_ratio: int,
-                 activation: ActivationName, skip: bool):
+                 activation: ActivationName, skip: bool, norm: NormName = "batch"):
         super().__init__()
         if block == "basic":  # 3x3 (stride) → BN → act → 3x3 → BN
-            self.body = nn.Sequential(conv_bn(dims, c_in, c_out, 3, stride), make_activation(activation),
-                                      conv_bn(dims, c_out, c_out, 3))
+            self.body = nn.Sequential(conv_bn(dims, c_in, c_out, 3, stride, norm), make_activation(activation),
+                                      conv_bn(dims, c_out, c_out, 3, norm=norm))
         else:  # 1x1 reduce → 3x3 (stride) → 1x1 expand, BN after each, act between
             inner = c_out // bottleneck_ratio
-            self.body = nn.Sequential(conv_bn(dims, c_in, inner, 1), make_activation(activation),
-                                      conv_bn(dims, inner, inner, 3, stride), make_activation(activation),
-                                      conv_bn(dims, inner, c_out, 1))
+            self.body = nn.Sequential(conv_bn(dims, c_in, inner, 1, norm=norm), make_activation(activation),
+                                      conv_bn(dims, inner, inner, 3, stride, norm), make_activation(activation),
+                                      conv_bn(dims, inner, c_out, 1, norm=norm))
         if not skip:
             self.shortcut = None
         elif stride == 1 and c_in == c_out:
             self.shortcut = nn.Identity()
         else:  # projection: match the body's width and resolution
-            self.shortcut = conv_bn(dims, c_in, c_out, 1, stride)
+            self.shortcut = conv_bn(dims, c_in, c_out, 1, stride, norm)
         self.act = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, c_in, *S) → (B, c_out, *S/stride)
@@ -65,7 +70,7 @@ class ResidualBlock(nn.Module):
 class ResNet(Model):
     def __init__(self, input_shape: tuple[int, ...], stem_channels: int, stem_kernel: int,
                  stages: list[tuple[int, int, int]], block: BlockName, bottleneck_ratio: int,
-                 activation: ActivationName, skip: bool, head_dropout: float, out_features: int):
+                 activation: ActivationName, skip: bool, norm: NormName, head_dropout: float, out_features: int):
         """stages: (width, blocks, stride) per stage, input side first."""
         super().__init__()
         channels, spatial = as_channels_first(input_shape)
@@ -73,13 +78,14 @@ class ResNet(Model):
         if dims not in (1, 2):
             raise ArchitectureError("data", f"resnet needs (L,), (C, L) or (C, H, W) inputs, got {input_shape}")
         self.in_shape = (channels, *spatial)
-        self.stem = nn.Sequential(conv_bn(dims, channels, stem_channels, stem_kernel), make_activation(activation))
+        self.stem = nn.Sequential(conv_bn(dims, channels, stem_channels, stem_kernel, norm=norm),
+                                  make_activation(activation))
         blocks: list[nn.Module] = []
         c_in = stem_channels
         for width, count, stride in stages:
             for b in range(count):  # only a stage's first block changes width and resolution
                 blocks.append(ResidualBlock(dims, c_in, width, stride if b == 0 else 1, block, bottleneck_ratio,
-                                            activation, skip))
+                                            activation, skip, norm))
                 c_in = width
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
@@ -89,7 +95,7 @@ class ResNet(Model):
 
     def _init_weights(self, activation: ActivationName) -> None:
         """He initialisation for the convolutions (the paper's), unit scale and zero shift for batch norm."""
-        gain_of = "tanh" if activation == "tanh" else "sigmoid" if activation == "sigmoid" else "relu"  # silu, gelu ≈ relu
+        gain_of = {"tanh": "tanh", "sigmoid": "sigmoid", "identity": "linear"}.get(activation, "relu")  # silu, gelu ≈ relu
         for m in self.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=gain_of)
@@ -134,6 +140,9 @@ class ResNetSpec(ModelSpecBase):
                                        "after each addition.")
     skip: bool = Field(default=True, description="Residual (skip) connections; false gives the plain network of the "
                        "same depth, for comparison.")
+    norm: NormName = Field(default="batch", description="batch: batch norm after every convolution (the paper); "
+                           "none: no normalisation, each convolution gets a bias instead (an ablation, e.g. of the "
+                           "plain network with skip: false).")
     head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the pooled features before "
                                 "the linear head.")
 
@@ -157,5 +166,5 @@ class ResNetSpec(ModelSpecBase):
 def build_resnet(spec: ResNetSpec, shape: DataShape) -> ResNet:
     return ResNet(input_shape=shape.input_shape, stem_channels=spec.stem_channels, stem_kernel=spec.stem_kernel,
                   stages=[(s.width, s.blocks, s.stride) for s in spec.stages], block=spec.block,
-                  bottleneck_ratio=spec.bottleneck_ratio, activation=spec.activation, skip=spec.skip,
+                  bottleneck_ratio=spec.bottleneck_ratio, activation=spec.activation, skip=spec.skip, norm=spec.norm,
                   head_dropout=spec.head_dropout, out_features=shape.output_size)

@@ -28,7 +28,7 @@ from models.contract import Model, ModelSpecBase
 from models.layers.recurrent import STACKS, CellName, Impl, State
 from models.registry import DataShape, register
 
-Readout = Literal["last", "mean"]
+Readout = Literal["last", "mean", "flatten"]
 
 
 # ── blocks ────────────────────────────────────────────────────────────────────
@@ -66,12 +66,15 @@ class RecurrentNet(Model):
         self.view = SequenceView(input_shape)
         self.rnn = STACKS[impl](cell, self.view.features, hidden_size, num_layers, bidirectional, dropout)
         self.readout = readout
-        self.head = nn.Linear(self.rnn.output_size, out_features)
+        summary_size = self.rnn.output_size * (self.view.steps if readout == "flatten" else 1)
+        self.head = nn.Linear(summary_size, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs, finals = self.rnn(self.view(x))  # (B, T, D·H)
         if self.readout == "mean":
             summary = outputs.mean(dim=1)  # pool over time
+        elif self.readout == "flatten":
+            summary = outputs.flatten(1)  # every step side by side: (B, T·D·H)
         else:
             summary = final_hidden(finals, self.rnn.directions)
         return self.head(summary)  # (B, out)
@@ -135,8 +138,10 @@ class RNNSpec(ModelSpecBase):
                                 "both directions (classify and regress only: a language model must not see the "
                                 "future).")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout between stacked layers.")
-    readout: Readout = Field(default="last", description="What classify/regress read: the last hidden state, or "
-                             "the mean of the top layer's outputs over time. Not used by lm.")
+    readout: Readout = Field(default="last", description="What classify/regress read: the last hidden state, "
+                             "the mean of the top layer's outputs over time, or all of them side by side (flatten: "
+                             "a head of steps × directions × hidden_size inputs, as in the MNIST-1D paper's GRU, "
+                             "40 × 2 × 6 = 480 → 10). Not used by lm.")
     embed_dim: PositiveInt = Field(default=64, description="Token embedding size (token data, i.e. lm, only).")
     impl: Impl = Field(default="cells", description="cells: the textbook cells of models/layers/recurrent.py, one "
                        "op per gate (readable, the default); torch: torch.nn's fused RNN/LSTM/GRU kernels, same "

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from torch import nn
 
 from models.base import ArchitectureError
@@ -22,7 +22,14 @@ from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName
 from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
-from models.layers.transformer_layers import NormPlacement, TokenEmbedding, decoder_stack, encoder_stack
+from models.layers.transformer_layers import (
+    FULL_PARTS,
+    LayerParts,
+    NormPlacement,
+    TokenEmbedding,
+    decoder_stack,
+    encoder_stack,
+)
 from models.registry import DataShape, register
 from models.tokens import BOS, EOS, PAD
 
@@ -86,13 +93,14 @@ class EncoderClassifier(Model):
 
     def __init__(self, input_shape: tuple[int, ...], patch: int, d_model: int, heads: int, layers: int, d_ff: int,
                  activation: ActivationName, dropout: float, attention_dropout: float, positional: PositionalName,
-                 norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int):
+                 norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int,
+                 parts: LayerParts = FULL_PARTS):
         super().__init__()
         self.patches = PatchTokens(input_shape, patch, d_model)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if pooling == "cls" else None
         self.positions = make_positions(positional, self.patches.tokens + (pooling == "cls"), d_model)
         self.drop = nn.Dropout(dropout)
-        self.encoder = encoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm)
+        self.encoder = encoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts)
         self.head = nn.Linear(d_model, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,13 +117,15 @@ class EncoderDecoder(Model):
 
     def __init__(self, vocab_size: int, max_positions: int, d_model: int, heads: int, layers: int, d_ff: int,
                  activation: ActivationName, dropout: float, attention_dropout: float, positional: PositionalName,
-                 norm: NormPlacement, tie_embeddings: bool, target_len: int):
+                 norm: NormPlacement, tie_embeddings: bool, target_len: int, parts: LayerParts = FULL_PARTS,
+                 causal: bool = True):
         super().__init__()
         self.embed = TokenEmbedding(vocab_size, d_model, padding_idx=PAD)  # one vocabulary for source and target
         self.positions = make_positions(positional, max_positions, d_model)
         self.drop = nn.Dropout(dropout)
-        self.encoder = encoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm)
-        self.decoder = decoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm)
+        self.encoder = encoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts)
+        self.decoder = decoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts,
+                                     causal)
         self.head = OutputHead(d_model, vocab_size, self.embed if tie_embeddings else None)
         self.target_len = target_len
 
@@ -161,17 +171,17 @@ class DecoderOnly(Model):
 
     def __init__(self, vocab_size: int, context: int, d_model: int, heads: int, layers: int, d_ff: int,
                  activation: ActivationName, dropout: float, attention_dropout: float, positional: PositionalName,
-                 norm: NormPlacement, tie_embeddings: bool):
+                 norm: NormPlacement, tie_embeddings: bool, parts: LayerParts = FULL_PARTS, causal: bool = True):
         super().__init__()
-        self.context = context
+        self.context, self.causal = context, causal
         self.embed = TokenEmbedding(vocab_size, d_model)
         self.positions = make_positions(positional, context, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = encoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm)
+        self.blocks = encoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts)
         self.head = OutputHead(d_model, vocab_size, self.embed if tie_embeddings else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) → (B, T, V); position t sees x[:, :t+1] only
-        h = self.blocks(self.drop(self.positions(self.embed(x))), causal=True)
+        h = self.blocks(self.drop(self.positions(self.embed(x))), causal=self.causal)  # unless causal is off
         return self.head(h)
 
     @torch.no_grad()
@@ -213,7 +223,14 @@ class TransformerSpec(ModelSpecBase):
                            "FFN, and on the embeddings plus positions.")
     attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the attention weights.")
     positional: PositionalName = Field(default="sinusoidal", description="Positional encoding: fixed sinusoidal "
-                                       "(the paper) or learned.")
+                                       "(the paper), learned, or none (an ablation: the model is blind to order).")
+    causal: bool = Field(default=True, description="decoder and encoder_decoder only: the decoder's self-attention "
+                         "sees only earlier positions (the paper); false is an ablation that lets each position "
+                         "read the future, the tokens it is trained to predict included.")
+    residual: bool = Field(default=True, description="Residual connection around every sub-layer (the paper); "
+                           "false is an ablation.")
+    layer_norm: bool = Field(default=True, description="LayerNorm around every sub-layer, and the final one under "
+                             "pre-norm (the paper); false is an ablation.")
     norm: NormPlacement = Field(default="post", description="post: LayerNorm(x + SubLayer(x)), as in the paper; "
                                 "pre: x + SubLayer(LayerNorm(x)) plus a final LayerNorm (GPT-2, ViT).")
     pooling: Literal["cls", "mean"] = Field(default="cls", description="encoder only: classify a prepended [CLS] "
@@ -224,6 +241,13 @@ class TransformerSpec(ModelSpecBase):
                                  "the token embedding matrix (the paper's weight sharing).")
 
     _heads_divide_width = field_validator("heads")(heads_divide_width)
+
+    @model_validator(mode="after")
+    def _causal_needs_a_decoder(self) -> TransformerSpec:
+        if not self.causal and self.shape == "encoder":  # by value: a dumped spec (causal: true) validates again
+            raise ValueError("causal: false applies to shapes decoder and encoder_decoder only (an encoder "
+                             "attends both ways already); remove it")
+        return self
 
     def served_tasks(self) -> frozenset[str]:
         return frozenset({TASKS_BY_SHAPE[self.shape]})
@@ -247,7 +271,8 @@ def _needs_tokens(spec: TransformerSpec, shape: DataShape) -> None:
 def build_transformer(spec: TransformerSpec, shape: DataShape) -> nn.Module:
     common = dict(d_model=spec.d_model, heads=spec.heads, layers=spec.layers, d_ff=spec.ffn_width(),
                   activation=spec.activation, dropout=spec.dropout, attention_dropout=spec.attention_dropout,
-                  positional=spec.positional, norm=spec.norm)
+                  positional=spec.positional, norm=spec.norm,
+                  parts=LayerParts(residual=spec.residual, layer_norm=spec.layer_norm))
     if spec.shape == "encoder":
         if shape.vocab_size is not None:
             raise ArchitectureError("model.shape", "an encoder transformer classifies signals or images; for token "
@@ -261,6 +286,7 @@ def build_transformer(spec: TransformerSpec, shape: DataShape) -> nn.Module:
                                     "(a `sequence` dataset)")
         # One position table serves both sides; the decoder's input is BOS + target[:-1], as long as the target.
         return EncoderDecoder(vocab_size=shape.vocab_size, max_positions=max(shape.max_len, shape.target_len),
-                              tie_embeddings=spec.tie_embeddings, target_len=shape.target_len, **common)
+                              tie_embeddings=spec.tie_embeddings, target_len=shape.target_len, causal=spec.causal,
+                              **common)
     return DecoderOnly(vocab_size=shape.vocab_size, context=shape.max_len, tie_embeddings=spec.tie_embeddings,
-                       **common)
+                       causal=spec.causal, **common)

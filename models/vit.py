@@ -18,7 +18,7 @@ from models.contract import Model, ModelSpecBase
 from models.layers.activations import ActivationName
 from models.layers.attention import heads_divide_width
 from models.layers.positional import PositionalName, make_positions
-from models.layers.transformer_layers import NormPlacement, encoder_stack
+from models.layers.transformer_layers import FULL_PARTS, LayerParts, NormPlacement, encoder_stack
 from models.registry import DataShape, register
 
 
@@ -38,7 +38,8 @@ class PatchEmbedding(nn.Module):
 class ViT(Model):
     def __init__(self, image_shape: tuple[int, int, int], patch: int, d_model: int, depth: int, heads: int,
                  d_ff: int, activation: ActivationName, dropout: float, attention_dropout: float,
-                 positional: PositionalName, norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int):
+                 positional: PositionalName, norm: NormPlacement, pooling: Literal["cls", "mean"], classes: int,
+                 parts: LayerParts = FULL_PARTS):
         super().__init__()
         channels, height, width = image_shape
         self.image_shape = image_shape
@@ -47,7 +48,7 @@ class ViT(Model):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if pooling == "cls" else None
         self.positions = make_positions(positional, n_patches + (pooling == "cls"), d_model)
         self.drop = nn.Dropout(dropout)
-        self.encoder = encoder_stack(depth, d_model, heads, d_ff, activation, dropout, attention_dropout, norm)
+        self.encoder = encoder_stack(depth, d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts)
         self.head = nn.Linear(d_model, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +79,15 @@ class ViTSpec(ModelSpecBase):
     attention_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the attention weights.")
     pooling: Literal["cls", "mean"] = Field(default="cls", description="Classify the [class] token's output "
                                             "(ViT) or the mean of the patch tokens.")
-    positional: PositionalName = Field(default="learned", description="Position embeddings: learned (ViT) or fixed "
-                                       "sinusoidal over the patch index (row by row).")
+    positional: PositionalName = Field(default="learned", description="Position embeddings: learned (ViT), fixed "
+                                       "sinusoidal over the patch index (row by row), or none (an ablation: the "
+                                       "patches' arrangement is invisible).")
     norm: NormPlacement = Field(default="pre", description="pre: x + SubLayer(LayerNorm(x)) and a final LayerNorm "
                                 "(ViT); post: LayerNorm(x + SubLayer(x)) (the original Transformer).")
+    residual: bool = Field(default=True, description="Residual connection around every sub-layer (ViT); false is "
+                           "an ablation.")
+    layer_norm: bool = Field(default=True, description="LayerNorm around every sub-layer and the final one (ViT); "
+                             "false is an ablation.")
 
     _heads_divide_width = field_validator("heads")(heads_divide_width)
 
@@ -98,4 +104,5 @@ def build_vit(spec: ViTSpec, shape: DataShape) -> ViT:
     return ViT(image_shape=(channels, height, width), patch=spec.patch, d_model=spec.d_model, depth=spec.depth,
                heads=spec.heads, d_ff=max(1, round(spec.mlp_ratio * spec.d_model)), activation=spec.activation,
                dropout=spec.dropout, attention_dropout=spec.attention_dropout, positional=spec.positional,
-               norm=spec.norm, pooling=spec.pooling, classes=shape.output_size)
+               norm=spec.norm, pooling=spec.pooling, classes=shape.output_size,
+               parts=LayerParts(residual=spec.residual, layer_norm=spec.layer_norm))

@@ -5,7 +5,7 @@ from typing import Literal
 
 from torch import nn
 
-ActivationName = Literal["sigmoid", "tanh", "relu", "silu", "gelu"]
+ActivationName = Literal["sigmoid", "tanh", "relu", "silu", "gelu", "identity"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -13,6 +13,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
     "gelu": nn.GELU,
+    "identity": nn.Identity,  # no non-linearity: a stack of layers is one linear map
 }
 
 

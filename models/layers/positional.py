@@ -4,6 +4,7 @@ Sinusoidal (Vaswani et al. 2017, section 3.5), fixed:
     PE(pos, 2i)   = sin(pos / 10000^(2i/d))
     PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
 Learned (BERT, GPT, ViT): one trained vector per position.
+None (an ablation): nothing is added, so a model without recurrence or convolution cannot tell positions apart.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-PositionalName = Literal["sinusoidal", "learned"]
+PositionalName = Literal["sinusoidal", "learned", "none"]
 
 
 def sinusoidal_table(positions: int, d_model: int) -> torch.Tensor:
@@ -48,6 +49,15 @@ class LearnedPositions(nn.Module):
         return x + self.table[offset:offset + x.shape[1]]
 
 
+class NoPositions(nn.Module):
+    """Adds nothing: the tokens pass through as they are (order-blind attention stays order-blind)."""
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return x
+
+
 def make_positions(name: PositionalName, max_len: int, d_model: int) -> nn.Module:
+    if name == "none":
+        return NoPositions()
     return SinusoidalPositions(max_len, d_model) if name == "sinusoidal" else LearnedPositions(max_len, d_model)
 

@@ -3,10 +3,13 @@
 Every sub-layer (attention or feed-forward) is wrapped in a residual connection and a LayerNorm:
     post-norm (the paper):  x = LayerNorm(x + Dropout(SubLayer(x)))
     pre-norm (GPT-2, ViT):  x = x + Dropout(SubLayer(LayerNorm(x)))   and one final LayerNorm after the stack.
+For ablations either part can be removed: without `residual` the "x +" goes, without `layer_norm` every
+LayerNorm (the final one too) becomes the identity. Both on is the default and the paper's model.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,31 +35,48 @@ class FeedForward(nn.Module):
         return self.w2(self.drop(self.act(self.w1(x))))
 
 
-class Residual(nn.Module):
-    """Residual connection + LayerNorm around one sub-layer, post- or pre-norm."""
+@dataclass(frozen=True)
+class LayerParts:
+    """Which parts wrap each sub-layer: both on is the Transformer; either off is an ablation."""
 
-    def __init__(self, d_model: int, norm: NormPlacement, dropout: float):
+    residual: bool = True
+    layer_norm: bool = True
+
+    def norm(self, d_model: int) -> nn.Module:
+        return nn.LayerNorm(d_model) if self.layer_norm else nn.Identity()
+
+
+FULL_PARTS = LayerParts()  # both on: the Transformer as published (the default everywhere)
+
+
+class Residual(nn.Module):
+    """Residual connection + LayerNorm around one sub-layer, post- or pre-norm; either part can be left out."""
+
+    def __init__(self, d_model: int, norm: NormPlacement, dropout: float, parts: LayerParts = FULL_PARTS):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = parts.norm(d_model)
         self.pre = norm == "pre"
+        self.residual = parts.residual
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
         if self.pre:
-            return x + self.drop(sublayer(self.norm(x)))
-        return self.norm(x + self.drop(sublayer(x)))
+            out = self.drop(sublayer(self.norm(x)))
+            return x + out if self.residual else out
+        out = self.drop(sublayer(x))
+        return self.norm(x + out if self.residual else out)
 
 
 class EncoderLayer(nn.Module):
     """Self-attention, then FFN. With `causal`, each position sees only itself and earlier ones (a GPT block)."""
 
     def __init__(self, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                 attention_dropout: float, norm: NormPlacement):
+                 attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ffn = FeedForward(d_model, d_ff, activation, dropout)
-        self.attn_residual = Residual(d_model, norm, dropout)
-        self.ffn_residual = Residual(d_model, norm, dropout)
+        self.attn_residual = Residual(d_model, norm, dropout, parts)
+        self.ffn_residual = Residual(d_model, norm, dropout, parts)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         x = self.attn_residual(x, lambda h: self.self_attn(h, h, h, key_padding_mask=padding_mask, causal=causal))
@@ -64,23 +84,25 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Masked self-attention over the target so far, cross-attention to the encoder's memory, then FFN."""
+    """Masked self-attention over the target so far, cross-attention to the encoder's memory, then FFN.
+    Without `causal` (an ablation) the self-attention sees the whole target, the future included."""
 
     def __init__(self, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                 attention_dropout: float, norm: NormPlacement):
+                 attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.cross_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ffn = FeedForward(d_model, d_ff, activation, dropout)
-        self.self_residual = Residual(d_model, norm, dropout)
-        self.cross_residual = Residual(d_model, norm, dropout)
-        self.ffn_residual = Residual(d_model, norm, dropout)
+        self.self_residual = Residual(d_model, norm, dropout, parts)
+        self.cross_residual = Residual(d_model, norm, dropout, parts)
+        self.ffn_residual = Residual(d_model, norm, dropout, parts)
 
     def forward(self, y: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """y (B, T, D) the target so far, memory (B, S, D) the encoded source → (B, T, D)."""
         # Target padding needs no mask: it sits after the real tokens, which the causal mask keeps from seeing it.
-        y = self.self_residual(y, lambda h: self.self_attn(h, h, h, causal=True))
+        y = self.self_residual(y, lambda h: self.self_attn(h, h, h, causal=self.causal))
         y = self.cross_residual(y, lambda h: self.cross_attn(h, memory, memory, key_padding_mask=memory_padding_mask))
         return self.ffn_residual(y, self.ffn)
 
@@ -88,10 +110,10 @@ class DecoderLayer(nn.Module):
 class LayerStack(nn.Module):
     """N identical layers; under pre-norm a final LayerNorm, since the residual stream is never normalised."""
 
-    def __init__(self, layers: list[nn.Module], d_model: int, norm: NormPlacement):
+    def __init__(self, layers: list[nn.Module], d_model: int, norm: NormPlacement, parts: LayerParts = FULL_PARTS):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.final_norm = nn.LayerNorm(d_model) if norm == "pre" else nn.Identity()
+        self.final_norm = parts.norm(d_model) if norm == "pre" else nn.Identity()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         for layer in self.layers:
@@ -100,15 +122,16 @@ class LayerStack(nn.Module):
 
 
 def encoder_stack(layers: int, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                  attention_dropout: float, norm: NormPlacement) -> LayerStack:
-    return LayerStack([EncoderLayer(d_model, heads, d_ff, activation, dropout, attention_dropout, norm)
-                       for _ in range(layers)], d_model, norm)
+                  attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS) -> LayerStack:
+    return LayerStack([EncoderLayer(d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts)
+                       for _ in range(layers)], d_model, norm, parts)
 
 
 def decoder_stack(layers: int, d_model: int, heads: int, d_ff: int, activation: ActivationName, dropout: float,
-                  attention_dropout: float, norm: NormPlacement) -> LayerStack:
-    return LayerStack([DecoderLayer(d_model, heads, d_ff, activation, dropout, attention_dropout, norm)
-                       for _ in range(layers)], d_model, norm)
+                  attention_dropout: float, norm: NormPlacement, parts: LayerParts = FULL_PARTS,
+                  causal: bool = True) -> LayerStack:
+    return LayerStack([DecoderLayer(d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts, causal)
+                       for _ in range(layers)], d_model, norm, parts)
 
 
 class TokenEmbedding(nn.Module):

@@ -19,7 +19,7 @@ import torch
 from models.base import StrictModel
 from models.registry import DataShape
 from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, Mnist1dSource, NpzSource,
-                                     SequenceSource, SplitSpec, TableSource)
+                                     NormaliseName, SequenceSource, SplitSpec, TableSource)
 from pipeline.specs.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
 
@@ -249,9 +249,20 @@ def _split(n: int, y: np.ndarray, fraction: float, seed: int, stratify: bool) ->
     return np.sort(a), np.sort(b)
 
 
-def _norm_axes(x: np.ndarray) -> tuple[int, ...]:
-    """Tables get a statistic per feature; signals and images one per channel (keeps spatial structure)."""
-    return (0,) if x.ndim == 2 else tuple(i for i in range(x.ndim) if i != 1)
+def _norm_axes(x: np.ndarray, how: NormaliseName) -> tuple[int, ...]:
+    """The axes of the training inputs (N, ...) that one statistic is taken over.
+
+    auto: (N, F) tables and (N, L) signals get one per feature or position (axis 0 only); (N, C, L) signals
+    and (N, C, H, W) images one per channel (keeps spatial structure). channel: axis 1 is the channel, and a
+    2-D input is one channel. feature: one per input element. global: one over everything.
+    """
+    if how == "auto":
+        how = "feature" if x.ndim == 2 else "channel"
+    if how == "feature":
+        return (0,)
+    if how == "channel" and x.ndim > 2:
+        return tuple(i for i in range(x.ndim) if i != 1)
+    return tuple(range(x.ndim))  # global, or channel of a one-channel input
 
 
 def split_and_normalise(raw: RawData, split: SplitSpec) -> tuple[dict[str, np.ndarray], dict]:
@@ -266,8 +277,8 @@ def split_and_normalise(raw: RawData, split: SplitSpec) -> tuple[dict[str, np.nd
     arrays = {"train_x": x[train], "train_y": y[train], "val_x": x[val], "val_y": y[val],
               "test_x": x_test, "test_y": y_test}
     stats: dict = {}
-    if raw.target != "tokens":  # token ids are categorical; never rescale them
-        axes = _norm_axes(arrays["train_x"])
+    if raw.target != "tokens" and split.normalise != "none":  # token ids are categorical; never rescale them
+        axes = _norm_axes(arrays["train_x"], split.normalise)
         mean = arrays["train_x"].mean(axis=axes, keepdims=True)
         std = arrays["train_x"].std(axis=axes, keepdims=True) + 1e-6
         for part in ("train", "val", "test"):

@@ -1,7 +1,8 @@
 """Gradient health diagnostics, recorded live while the engine trains (the verdicts on them: verdicts.py).
 
 The engine calls a monitor at three points: `after_backward(phase)` (gradients are there, the
-optimizer has not stepped), `after_step()` (every phase has stepped) and `end_epoch(epoch)`.
+optimizer has not stepped), `after_step()` (every phase has stepped) and `end_epoch(epoch)`; with
+`train.grad_clip` set, also `after_clip(phase)` (gradients clipped, the optimizer has not stepped).
 
 What is recorded, and what it costs:
 
@@ -11,6 +12,8 @@ What is recorded, and what it costs:
   A layer is the module that owns the parameters, named by its module path (`blocks.0.linear`).
   Multi-phase models (GANs): each layer's norm is taken in the phase whose optimizer updates it, so a
   layer appears once (merged); the global norm of a step is over every phase's gradients together.
+  With clipping, the global norm is also taken after the clip (one more fused norm per step), so that
+  `grad_norm/global_clipped` sits beside `grad_norm/global` (before the clip) in the history.
 - Update-to-weight ratio ‖Δw‖/‖w‖ per layer (Δw = lr·update as the optimizer applied it, weight
   decay included), on one step per epoch: the middle step (by the previous epoch's step count; the
   first step in epoch 1). The weights are copied before that step and compared after it.
@@ -105,6 +108,8 @@ class NullMonitor:
 
     def after_backward(self, phase: str) -> None: ...
 
+    def after_clip(self, phase: str) -> None: ...
+
     def after_step(self) -> None: ...
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
@@ -140,6 +145,7 @@ class GradientMonitor:
         self._all_grouping = self.index.grouping(list(range(len(self.index.params))), self.device)
         # per-epoch device buffers
         self._step_norms: dict[str, list[torch.Tensor]] = defaultdict(list)  # phase → [(P_phase,)] per step
+        self._clipped_sq: dict[str, list[torch.Tensor]] = defaultdict(list)  # phase → [() squared norm] per step
         self._snapshot: list[torch.Tensor] | None = None
         self._ratio: torch.Tensor | None = None  # (L,) this epoch's update ratio
         self._steps_in_epoch = 0
@@ -162,9 +168,17 @@ class GradientMonitor:
         if ids is None:  # a phase the model did not announce: count every parameter under it
             ids = self.index.phase_params[phase] = list(range(len(self.index.params)))
             self._grouping[phase] = self._all_grouping
+        self._step_norms[phase].append(torch.stack(torch._foreach_norm(self._grads(ids))))  # (P_phase,), no sync
+
+    def after_clip(self, phase: str) -> None:
+        """The phase's global gradient norm after clipping, squared, kept on the device."""
+        if self.spec.grad_norms:
+            norms = torch.stack(torch._foreach_norm(self._grads(self.index.phase_params[phase])))
+            self._clipped_sq[phase].append((norms.float() ** 2).sum())
+
+    def _grads(self, ids: list[int]) -> list[torch.Tensor]:
         grads = [self.index.params[i].grad for i in ids]
-        grads = [g if g is not None else self._zero for g in grads]
-        self._step_norms[phase].append(torch.stack(torch._foreach_norm(grads)))  # (P_phase,), no host sync
+        return [g if g is not None else self._zero for g in grads]
 
     def after_step(self) -> None:
         if self._snapshot is not None and self._ratio is None:
@@ -184,6 +198,9 @@ class GradientMonitor:
             norms = layer_sq.sqrt()
             global_norm = layer_sq.sum(1).sqrt()  # (S,)
             parts.update(mean=norms.mean(0), min=norms.min(0).values, max=norms.max(0).values, steps=global_norm)
+        if self._clipped_sq:
+            steps = min(len(v) for v in self._clipped_sq.values())
+            parts["clipped"] = sum(torch.stack(v[:steps]) for v in self._clipped_sq.values()).sqrt()  # (S,)
         if self._ratio is not None:
             parts["ratio"] = self._ratio
         if self.spec.activation_stats:
@@ -191,13 +208,18 @@ class GradientMonitor:
         host = _read_back(parts)  # one host sync for the whole epoch
         self._record(epoch, host)
         self._step_norms.clear()
+        self._clipped_sq.clear()
         self._ratio, self._snapshot = None, None
         self.state["measure_at"] = self._steps_in_epoch // 2
         self._steps_in_epoch = 0
         steps = host.get("steps", [])
         if not steps:
             return {}
-        return {"grad_norm/global": self.state["global_mean"][-1], "grad_norm/global_max": max(steps)}
+        row = {"grad_norm/global": self.state["global_mean"][-1], "grad_norm/global_max": max(steps)}
+        if "clipped" in host:
+            row.update({"grad_norm/global_clipped": self.state["clipped_mean"][-1],
+                        "grad_norm/global_clipped_max": self.state["clipped_max"][-1]})
+        return row
 
     def mlflow_metrics(self) -> dict[str, float]:
         """This epoch's mean gradient norm per layer, as `grad_norm/<layer>` (MLflow only, not history.csv)."""
@@ -225,10 +247,11 @@ class GradientMonitor:
         for key, src in (("grad_mean", "mean"), ("grad_min", "min"), ("grad_max", "max"), ("update_ratio", "ratio")):
             s[key].append(host.get(src, [float("nan")] * n))
         steps = host.get("steps", [])
-        finite = [v for v in steps if math.isfinite(v)]
-        s["global_mean"].append(sum(finite) / len(finite) if finite and len(finite) == len(steps) else
-                                (float("nan") if steps else None))
+        s["global_mean"].append(_mean_or_nan(steps))
         s["global_max"].append(max(steps) if steps else None)
+        if "clipped" in host:  # only runs that clip have these (a checkpoint from before them starts them here)
+            s.setdefault("clipped_mean", []).append(_mean_or_nan(host["clipped"]))
+            s.setdefault("clipped_max", []).append(max(host["clipped"]))
         self._scan_spikes(epoch, steps)
         if "act_mean" in host:
             s["act_mean"].append(host["act_mean"])
@@ -347,6 +370,9 @@ class GradientMonitor:
             "epochs": list(s["epochs"]),
             "grad_norm": {"mean": s["grad_mean"], "min": s["grad_min"], "max": s["grad_max"],
                           "global_mean": s["global_mean"], "global_max": s["global_max"],
+                          # after the clip (runs with train.grad_clip only); every other norm is before it
+                          **({"global_clipped_mean": s["clipped_mean"], "global_clipped_max": s["clipped_max"]}
+                             if "clipped_mean" in s else {}),
                           "scope": "per layer, in the phase that updates it; global over all phases"},
             "update_ratio": s["update_ratio"],
             "activations": {"layers": s["act_layers"] or [], "mean": s["act_mean"], "std": s["act_std"],
@@ -367,6 +393,12 @@ class GradientMonitor:
     def _is_relu_family(self, name: str) -> bool:
         module = dict(self.model.named_modules()).get(name)
         return isinstance(module, RELU_FAMILY)
+
+def _mean_or_nan(steps: list[float]) -> float | None:
+    """The mean of an epoch's step values; nan if any is not finite, None if there are none."""
+    finite = [v for v in steps if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite and len(finite) == len(steps) else (float("nan") if steps else None)
+
 
 def _read_back(parts: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Device tensors → host lists with one transfer (one sync), split back by name."""

@@ -17,14 +17,17 @@ Panel = tuple[str, np.ndarray]  # (title, samples (N, ...) in original units)
 
 
 def original_units(x: torch.Tensor, meta: dict) -> np.ndarray:
-    """Undo prepare's normalisation (per channel for signals and images, per feature for tables)."""
+    """Undo prepare's normalisation: one statistic, one per input element, per feature of a table or (L,)
+    signal, or per channel of (C, ...) inputs (see pipeline/data/prepare.py)."""
     x = x.detach().float().cpu().numpy()
     norm = meta.get("normalisation") or {}
     if "x_mean" not in norm:
         return x
     mean, std = np.asarray(norm["x_mean"], np.float32), np.asarray(norm["x_std"], np.float32)
-    if mean.size > 1:  # (B, F) tables: one statistic per feature; (B, C, ...): one per channel
-        shape = (1, -1) if x.ndim == 2 else (1, -1, *([1] * (x.ndim - 2)))
+    if mean.size > 1 and mean.size == x[0].size:  # one per input element (tables, (L,) signals: per feature)
+        mean, std = mean.reshape(1, *x.shape[1:]), std.reshape(1, *x.shape[1:])
+    elif mean.size > 1:  # (B, C, ...): one per channel
+        shape = (1, -1, *([1] * (x.ndim - 2)))
         mean, std = mean.reshape(shape), std.reshape(shape)
     return x * std + mean
 

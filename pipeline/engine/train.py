@@ -25,6 +25,7 @@ from torch import nn
 
 from models import build_model
 from models.contract import Phase
+from models.layers.init import connection_weights
 from pipeline.data.prepare import Prepared
 from pipeline.engine import distributed
 from pipeline.engine.diagnostics import make_monitor
@@ -69,6 +70,12 @@ def make_optimizer(spec: OptimizerSpec, phase: Phase) -> torch.optim.Optimizer:
     if spec.name == "adam":
         return torch.optim.Adam(phase.params, lr=lr, betas=betas, weight_decay=spec.weight_decay)
     return torch.optim.AdamW(phase.params, lr=lr, betas=betas, weight_decay=spec.weight_decay)
+
+
+def l1_weights(model: nn.Module, phase: Phase) -> list[nn.Parameter]:
+    """The weight matrices a phase's L1 penalty covers: the model's connection weights this phase trains."""
+    trained = {id(p) for p in phase.params}
+    return [w for w in connection_weights(model) if id(w) in trained]
 
 
 def lr_factor(spec: ScheduleSpec, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -186,6 +193,7 @@ class Trainer:
         self.model = build_model(spec.model, data.shape).to(self.device)
         self.phases = self.task.phases(self.model)
         self.optimizers = [make_optimizer(spec.train.optimizer, p) for p in self.phases]
+        self.l1_weights = [l1_weights(self.model, p) for p in self.phases]
         self.train_x, self.train_y = self._split("train")
         if spec.data.train_subset:
             self.train_x, self.train_y = self.train_x[:spec.data.train_subset], self.train_y[:spec.data.train_subset]
@@ -252,6 +260,7 @@ class Trainer:
         self.model.train()
         aug = self.spec.train.augment
         clip = self.spec.train.grad_clip
+        l1 = self.spec.train.optimizer.l1
         total: dict[str, torch.Tensor] = {}
         perm = torch.randperm(len(self.train_x), generator=self.batch_gen).to(self.device)
         for i in range(0, len(perm), self.batch_size):
@@ -262,14 +271,17 @@ class Trainer:
             if x.is_floating_point() and (aug.noise_std > 0 or aug.max_shift > 0):
                 x = augment(x, aug.noise_std, aug.max_shift)
             x, y, weight = self.ranks.shard(x, y)  # the global batch, then this rank's part of it
-            for phase, opt in zip(self.phases, self.optimizers):
+            for phase, opt, penalised in zip(self.phases, self.optimizers, self.l1_weights):
                 opt.zero_grad(set_to_none=True)
                 loss, stats = self.ranks.weigh(*phase.loss(self.model, x, y), weight)
+                if l1 and penalised:  # once per rank, unweighted: averaging the ranks' gradients keeps it once
+                    loss = loss + l1 * torch.stack([w.abs().sum() for w in penalised]).sum()
                 loss.backward()
                 self.ranks.average_gradients(phase.params)
                 self.monitor.after_backward(phase.name)
                 if clip:
                     nn.utils.clip_grad_norm_(phase.params, clip, foreach=True)
+                    self.monitor.after_clip(phase.name)
                 opt.step()
                 accumulate(total, {f"{phase.name}:{k}" if len(self.phases) > 1 else k: v for k, v in stats.items()})
             self.monitor.after_step()
@@ -301,8 +313,9 @@ class Trainer:
             self.tracker = self.open_tracker(self.state.run_id or self.claimed_run_id())
             self.state.run_id = self.tracker.run_id
             self.claim_run_id()
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the budget that binds, in epochs
         shown = self.show_progress and self.ranks.is_main
-        progress = Progress(spec.name, spec.train.epochs, self.state.epoch) if shown else None
+        progress = Progress(spec.name, epochs, self.state.epoch) if shown else None
         es = spec.train.early_stopping
         monitor_key = es.monitor if es else f"val/{self.task.metric}"
         mode = es.mode if es else self.task.mode

@@ -8,14 +8,24 @@ from pydantic import Field, PositiveInt, model_validator
 
 from models.base import StrictModel
 
-
 # ── dataset specs (declared under `datasets:` in params.yaml) ────────────────
+NormaliseName = Literal["auto", "none", "global", "channel", "feature"]
+
+
 class SplitSpec(StrictModel):
+    """How the data is split, and how its inputs are standardised with the training split's statistics."""
+
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share of the training data held out "
                                 "for validation.")
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share held out for testing, when the "
                                  "source has no test split of its own.")
     seed: int = Field(default=0, ge=0, description="Seed of the split.")
+    normalise: NormaliseName = Field(default="auto", description="Standardise the inputs to mean 0, std 1 with the "
+                                     "training split's statistics: none; global (one mean and std); channel (one "
+                                     "per channel of (C, L) and (C, H, W) inputs; (L,) signals and tables are one "
+                                     "channel); feature (one per input element: every feature, position or pixel). "
+                                     "auto (the default): feature for tables and (L,) signals, channel for (C, L) "
+                                     "signals and images.")
 
 
 class DigitsSource(StrictModel):

@@ -31,6 +31,10 @@ class OptimizerSpec(StrictModel):
     name: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="Optimizer.")
     lr: PositiveFloat = Field(default=1e-3, description="Peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty (decoupled for adamw).")
+    l1: float = Field(default=0.0, ge=0.0, description="L1 penalty: l1 · Σ|w| over the weight matrices of every "
+                      "linear and convolutional layer is added to the loss that is optimised (not to the reported "
+                      "loss). Biases, norm scales and embedding tables are left out, as their size says nothing "
+                      "about how many connections the network uses. 0 (the default): no penalty.")
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
     nesterov: bool = Field(default=False, description="Nesterov momentum (sgd only).")
     betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam betas (adam, adamw only).")
@@ -62,9 +66,11 @@ class AugmentSpec(StrictModel):
 
 
 class TrainSpec(StrictModel):
-    epochs: PositiveInt = Field(default=20, description="Epoch budget.")
-    max_steps: PositiveInt | None = Field(default=None, description="Optional step budget; training stops at "
-                                          "whichever budget ends first.")
+    epochs: PositiveInt = Field(default=20, description="Epoch budget (default 20). With `max_steps` and no "
+                                "`epochs`, the step budget alone decides: epochs is then set to max_steps, which "
+                                "no run reaches first (an epoch has at least one step).")
+    max_steps: PositiveInt | None = Field(default=None, description="Optional step budget; with `epochs` also "
+                                          "given, training stops at whichever budget ends first.")
     batch_size: PositiveInt = Field(default=128, description="Samples per optimisation step.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and its settings.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
@@ -78,6 +84,14 @@ class TrainSpec(StrictModel):
                                                    "else cpu.")
     checkpoint_every_s: float = Field(default=10.0, ge=0.0, description="Write a checkpoint at the end of an epoch "
                                       "at most this often (0: every epoch); the last epoch is always written.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_alone_decide(cls, data: object) -> object:
+        """max_steps without epochs is a step budget, not one silently capped by the default 20 epochs."""
+        if isinstance(data, dict) and data.get("max_steps") is not None and "epochs" not in data:
+            return {**data, "epochs": data["max_steps"]}
+        return data
 
 
 class DiagnosticsSpec(StrictModel):

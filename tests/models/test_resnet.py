@@ -138,12 +138,26 @@ def test_skip_off_removes_every_shortcut_and_cuts_the_network_off_its_input():
     torch.testing.assert_close(plain(x), plain.head.bias.expand(4, -1))
 
 
+def test_norm_none_removes_every_batch_norm_and_gives_convolutions_a_bias():
+    torch.manual_seed(0)
+    plain = resnet(skip=False, norm="none", stages=[{"width": 8, "blocks": 1, "stride": 2}]).train()
+    bn = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, bn) for m in plain.modules())
+    assert any(isinstance(m, bn) for m in resnet(skip=False).modules())  # the control: norm batch keeps them
+    convs = [m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.bias is not None for c in convs)
+    # without batch statistics an example's output in training mode no longer depends on its batch-mates
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(plain(x)[:2], plain(x[:2]))
+
+
 # ── training ─────────────────────────────────────────────────────────────────
 @pytest.mark.parametrize("shape,fields", [
     (DIGITS, {"block": "basic"}),
     (DIGITS, {"block": "basic", "skip": False}),
+    (DIGITS, {"block": "basic", "skip": False, "norm": "none"}),
     (SIGNAL, {"block": "bottleneck", "bottleneck_ratio": 2, "activation": "gelu", "head_dropout": 0.1}),
-], ids=["basic-2d", "plain-2d", "bottleneck-1d"])
+], ids=["basic-2d", "plain-2d", "plain-no-norm-2d", "bottleneck-1d"])
 def test_resnet_trains_a_few_steps_and_its_loss_falls(shape, fields):
     torch.manual_seed(0)
     model = resnet(shape, **fields)
@@ -192,6 +206,7 @@ def test_a_valid_resnet_spec(project, capsys):
     (", stages: [{width: 8, stride: 5}]", "model.stages[0].stride", "less than or equal to 4"),
     (", block: wide", "model.block", "'basic' or 'bottleneck'"),
     (", skip: maybe", "model.skip", "valid boolean"),
+    (", norm: layer", "model.norm", "'batch' or 'none'"),
     (", shortcut: true", "model.shortcut", "Extra inputs are not permitted"),
 ])
 def test_invalid_resnet_specs_name_the_field(extra, field, words, project, capsys):

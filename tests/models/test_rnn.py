@@ -198,6 +198,17 @@ def test_bidirectional_doubles_the_readout_and_last_reads_each_direction_at_its_
     torch.testing.assert_close(bi_mean(x), bi.head(outputs.mean(dim=1)))
 
 
+def test_readout_flatten_is_the_mnist1d_papers_480_to_10_head():
+    """The MNIST-1D paper's GRU: bidirectional, hidden 6, all 40 steps' outputs side by side → 480 → 10."""
+    torch.manual_seed(0)
+    gru: RecurrentNet = build_model(spec(cell="gru", hidden_size=6, bidirectional=True, readout="flatten"),
+                                    DataShape(input_shape=(40,), output_size=10)).eval()
+    assert (gru.head.in_features, gru.head.out_features) == (480, 10)
+    x = torch.randn(3, 40)
+    outputs, _ = gru.rnn(gru.view(x))  # (B, 40, 12)
+    torch.testing.assert_close(gru(x), gru.head(outputs.reshape(3, 480)))  # step by step, both directions per step
+
+
 # ── the language model ───────────────────────────────────────────────────────
 def lm(**fields) -> RecurrentLM:
     torch.manual_seed(0)
@@ -303,7 +314,7 @@ def test_a_valid_rnn_spec(dataset, task, extra, words, project, capsys):
 @pytest.mark.parametrize("extra,field,words", [
     (", cell: transformer", "model.cell", "'rnn', 'lstm' or 'gru'"),
     (", layers: 17", "model.layers", "less than or equal to 16"),
-    (", readout: max", "model.readout", "'last' or 'mean'"),
+    (", readout: max", "model.readout", "'last', 'mean' or 'flatten'"),
     (", dropout: 1.0", "model.dropout", "less than 1"),
     (", hidden: 8", "model.hidden", "Extra inputs are not permitted"),
 ])

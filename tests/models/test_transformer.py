@@ -183,7 +183,76 @@ def test_a_decoder_only_transformer_cannot_do_seq2seq(project, capsys):
     ("digits", "classify", "encoder", ", patch: 3", "model.patch", "does not divide"),
     ("digits", "classify", "encoder", ", heads: 3", "model.heads", "divisible by heads"),
     ("digits", "lm", "decoder", "", "task", "lm needs text data, but dataset 'digits' holds class data"),
+    ("digits", "classify", "encoder", ", causal: false", "model",
+     "causal: false applies to shapes decoder and encoder_decoder only"),
+    ("digits", "classify", "encoder", ", positional: off", "model.positional", "'sinusoidal', 'learned' or 'none'"),
+    ("digits", "classify", "encoder", ", residual: maybe", "model.residual", "valid boolean"),
 ])
 def test_invalid_transformer_specs_name_the_field(dataset, task, shape, extra, field, words, project, capsys):
     err = validate_error(write_spec(project, dataset, task, shape, extra), capsys)
     assert f"t.yaml: {field}: " in err and words in err, err
+
+
+# ── ablation switches: causal, positional, residual, layer_norm ──────────────
+def test_without_the_causal_mask_the_future_leaks_into_earlier_positions():
+    x = torch.randint(0, 7, (2, 12), generator=torch.Generator().manual_seed(1))
+    changed = x.clone()
+    changed[:, 8:] = (x[:, 8:] + 1) % 7
+    for causal in (True, False):
+        torch.manual_seed(0)
+        model = build_model(spec(shape="decoder", layers=2, causal=causal), LM).eval()
+        leaks = not torch.allclose(model(x)[:, :8], model(changed)[:, :8])
+        assert leaks == (not causal)
+
+
+def test_the_encoder_decoder_can_turn_its_causal_mask_off_too():
+    src, tgt = reverse_batch(4)
+    tgt_in = teacher_forcing_input(tgt)
+    later = tgt_in.clone()
+    later[:, 4:] = FIRST_SYMBOL
+    torch.manual_seed(0)
+    model = build_model(spec(shape="encoder_decoder", causal=False), SEQ2SEQ).eval()
+    assert not torch.allclose(model(src, tgt_in)[:, :4], model(src, later)[:, :4])
+
+
+def test_positional_none_adds_nothing_so_an_encoder_is_blind_to_order():
+    """With no positions, the embedding passes through untouched and mean pooling over a permutation-equivariant
+    encoder is permutation-invariant: reversing the signal's steps leaves the class scores as they were."""
+    torch.manual_seed(0)
+    model = build_model(spec(shape="encoder", patch=1, pooling="mean", positional="none"), SIGNAL).eval()
+    x = torch.randn(3, 40)
+    tokens = model.patches(x)
+    torch.testing.assert_close(model.positions(tokens), tokens)
+    assert sum(p.numel() for p in model.positions.parameters()) == 0
+    torch.testing.assert_close(model(x), model(x.flip(1)))
+    torch.manual_seed(0)
+    with_positions = build_model(spec(shape="encoder", patch=1, pooling="mean", positional="sinusoidal"), SIGNAL).eval()
+    assert not torch.allclose(with_positions(x), with_positions(x.flip(1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_residual_and_layer_norm_can_each_be_removed(norm):
+    torch.manual_seed(0)
+    full = build_model(spec(shape="encoder", patch=4, norm=norm), SIGNAL).eval()
+    no_norm = build_model(spec(shape="encoder", patch=4, norm=norm, layer_norm=False), SIGNAL).eval()
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in full.modules())
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in no_norm.modules())
+    # without the residual, a sub-layer whose output is zero leaves zero behind instead of its input
+    no_skip = build_model(spec(shape="encoder", patch=4, norm=norm, residual=False, layer_norm=False), SIGNAL).eval()
+    layer = no_skip.encoder.layers[0]
+    with torch.no_grad():
+        layer.ffn.w2.weight.zero_()
+        layer.ffn.w2.bias.zero_()
+    h = torch.randn(2, 5, 32)
+    assert torch.count_nonzero(layer(h)) == 0
+    skip = build_model(spec(shape="encoder", patch=4, norm=norm, layer_norm=False), SIGNAL).eval()
+    layer = skip.encoder.layers[0]
+    with torch.no_grad():
+        layer.ffn.w2.weight.zero_()
+        layer.ffn.w2.bias.zero_()
+    torch.testing.assert_close(layer(h), layer.attn_residual(h, lambda t: layer.self_attn(t, t, t)))
+
+
+def test_a_dumped_encoder_spec_with_causal_true_validates_again():
+    encoder = spec(shape="encoder")
+    assert TransformerSpec.model_validate(encoder.model_dump()) == encoder

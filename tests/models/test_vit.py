@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import build_model
+from models.layers.transformer_layers import Residual
 from models.registry import DataShape
 from models.vit import ViTSpec
 from pipeline.cli import main
@@ -64,6 +65,24 @@ def test_only_the_positions_tell_the_patches_apart():
     with torch.no_grad():
         model.positions.table.zero_()
     torch.testing.assert_close(model(images), model(swapped))
+
+
+def test_positional_none_adds_nothing_so_swapped_patches_give_the_same_output():
+    torch.manual_seed(0)
+    model = vit(pooling="mean", positional="none").eval()
+    assert sum(p.numel() for p in model.positions.parameters()) == 0
+    images = torch.randn(2, 1, 8, 8)
+    swapped = images.clone()
+    swapped[..., 0:2, 0:2], swapped[..., 6:8, 6:8] = images[..., 6:8, 6:8], images[..., 0:2, 0:2]
+    torch.testing.assert_close(model(images), model(swapped))
+
+
+def test_residual_and_layer_norm_switches_reach_every_layer():
+    full, ablated = vit(), vit(residual=False, layer_norm=False)
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in full.modules()) == 2 * 2 + 1  # two per layer + final
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in ablated.modules())
+    assert all(not r.residual for r in ablated.modules() if isinstance(r, Residual))
+    assert all(r.residual for r in full.modules() if isinstance(r, Residual))
 
 
 MODEL = "kind: vit, d_model: 16, heads: 2, depth: 1"  # the smallest valid one; tests append fields

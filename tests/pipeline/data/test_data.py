@@ -8,11 +8,14 @@ import struct
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from pipeline.cli import main
 from pipeline.specs.datasets import BUILTIN_DATASETS
-from pipeline.data.prepare import build_arrays, load_prepared, prepare
+from pipeline.data.prepare import RawData, build_arrays, load_prepared, prepare, split_and_normalise
+from pipeline.engine.grids import original_units
+from pipeline.specs.datasets import SplitSpec
 from tests.conftest import files_under
 
 
@@ -46,6 +49,43 @@ def test_diabetes_standardises_targets_and_remembers_the_scale():
     assert meta["target"] == "value" and meta["output_size"] == 1
     assert abs(arrays["train_y"].mean()) < 1e-4
     assert 100 < meta["normalisation"]["y_mean"][0] < 200
+
+
+def raw_inputs(shape: tuple[int, ...]) -> RawData:
+    """Inputs whose every element has its own mean and scale, so each way of standardising leaves a trace."""
+    g = np.random.default_rng(0)
+    offsets = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    x = (offsets + (1 + offsets) * g.normal(size=(200, *shape))).astype(np.float32)
+    return RawData(x=x, y=g.integers(0, 2, 200), target="class")
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 5), (1, 4, 4), (3, 2, 2)])
+@pytest.mark.parametrize("how", ["auto", "global", "channel", "feature"])
+def test_each_normalisation_standardises_what_it_says(shape, how):
+    raw = raw_inputs(shape)
+    untouched, none_stats = split_and_normalise(raw, SplitSpec(normalise="none"))
+    arrays, stats = split_and_normalise(raw, SplitSpec(normalise=how))
+    assert "x_mean" not in none_stats and np.ptp(untouched["train_x"].mean(axis=0)) > 1  # none: left as it was
+    x = arrays["train_x"]
+    if how == "auto":  # tables and (L,) signals per element, (C, ...) inputs per channel
+        how = "feature" if len(shape) == 1 else "channel"
+    per_channel = tuple(i for i in range(x.ndim) if i != 1) if len(shape) > 1 else tuple(range(x.ndim))
+    axes = {"global": tuple(range(x.ndim)), "feature": (0,), "channel": per_channel}[how]
+    np.testing.assert_allclose(x.mean(axis=axes), 0, atol=1e-4)
+    np.testing.assert_allclose(x.std(axis=axes), 1, atol=1e-3)
+    assert len(stats["x_mean"]) == {"global": 1, "feature": int(np.prod(shape)),
+                                    "channel": shape[0] if len(shape) > 1 else 1}[how]
+    if how != "feature":  # a coarser statistic leaves the elements' own means apart
+        assert np.ptp(x.mean(axis=0)) > 0.1
+    # original_units undoes it, whatever the shape of the statistics
+    restored = original_units(torch.from_numpy(arrays["test_x"]), {"normalisation": stats})
+    np.testing.assert_allclose(restored, untouched["test_x"], rtol=1e-4, atol=1e-3)
+
+
+def test_a_bad_normalisation_name_names_the_field(project, capsys):
+    declare(project, "bad", {"source": "digits", "split": {"normalise": "per_channel"}})
+    code, err, _ = prepare_cli(project, "bad", capsys)
+    assert code == 2 and "params.yaml: datasets.bad.split.normalise: " in err and "'channel'" in err, err
 
 
 def declare(project, name, entry):

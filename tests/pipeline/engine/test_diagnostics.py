@@ -2,6 +2,7 @@
 themselves, MLflow output, and a resumed run ending with the same diagnostics."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -75,6 +76,23 @@ def test_a_huge_learning_rate_is_flagged_exploding_and_diverged(tmp_path):
     assert diag["flags"]["dead_units"] is False  # NaN activations are not dead units
     # Strict JSON: the NaN norms of the last epoch are written as null.
     json.loads((tmp_path / "diagnostics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_clipping_shows_as_norms_after_the_clip_beside_those_before(tmp_path):
+    """A large initialisation gives gradient norms far above the clip; after it every step's norm is the clip."""
+    model = {"kind": "mlp", "hidden": [32, 32], "init": {"scheme": "normal", "std": 1.0}}
+    _, diag = run(make_spec(model, grad_clip=0.5, optimizer={"lr": 1e-4}), tiny_classification(), tmp_path / "clip")
+    rows = list(csv.DictReader((tmp_path / "clip" / "history.csv").open()))
+    assert rows
+    for row in rows:
+        before, after = float(row["grad_norm/global"]), float(row["grad_norm/global_clipped"])
+        assert before > 5 * 0.5, row  # every step was clipped hard ...
+        assert after == pytest.approx(0.5, rel=1e-4)  # ... down to the clip
+        assert float(row["grad_norm/global_clipped_max"]) <= 0.5 * (1 + 1e-4)
+    assert diag["grad_norm"]["global_clipped_mean"] == pytest.approx([0.5] * len(rows), rel=1e-4)
+    _, unclipped = run(make_spec(model, optimizer={"lr": 1e-4}), tiny_classification(), tmp_path / "free")
+    assert "global_clipped_mean" not in unclipped["grad_norm"]
+    assert "grad_norm/global_clipped" not in (tmp_path / "free" / "history.csv").read_text()
 
 
 def test_a_gradient_spike_far_above_the_running_median_is_exploding(tmp_path):

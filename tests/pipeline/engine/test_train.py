@@ -97,6 +97,16 @@ def test_step_budget_stops_mid_epoch(tmp_path):
     assert metrics["epochs"] == 2  # 96 samples / 16 = 6 steps per epoch
 
 
+def test_max_steps_alone_is_not_capped_by_the_default_epochs(tmp_path):
+    raw = make_spec().model_dump()
+    del raw["train"]["epochs"]
+    raw["train"]["max_steps"] = 130  # 6 steps per epoch: more than the default 20 epochs' 120
+    spec = ExperimentSpec.model_validate(raw)
+    assert spec.train.epochs == 130
+    metrics = Trainer(spec, tiny_classification(), tmp_path, progress=False).run()
+    assert metrics["steps"] == 130 and metrics["epochs"] == 22
+
+
 @pytest.mark.parametrize("name", ["constant", "step", "cosine"])
 def test_schedules_warm_up_linearly_then_follow_their_shape(name):
     spec = ScheduleSpec(name=name, warmup_epochs=2, step_epochs=3, gamma=0.5, min_lr_ratio=0.1)
@@ -132,3 +142,30 @@ def test_regression_reports_r2(tmp_path):
     spec.task = "regress"
     metrics = Trainer(spec, data, tmp_path, progress=False).run()
     assert math.isfinite(metrics["final"]["val/r2"]) and metrics["final"]["val/r2"] > 0.5
+
+
+def test_an_l1_penalty_drives_weights_to_near_zero_and_spares_the_biases(tmp_path):
+    """Same seed, same data, SGD: with l1 most first-layer weights end within 5e-3 of zero (a subgradient step
+    on |w| overshoots zero, so they hover there rather than sit at 0.0); without, almost none do. Biases are
+    not penalised: their total size does not shrink. (Measured: 87 % vs 1 % near zero, Σ|w| 3.3 vs 54.9.)"""
+    data = tiny_classification(features=8)
+    first_layer = {}
+    for l1 in (0.0, 0.05):
+        spec = ExperimentSpec.model_validate({
+            "name": "l1", "data": {"dataset": "tiny"}, "task": "classify", "model": {"kind": "mlp", "hidden": [32]},
+            "train": {"epochs": 30, "batch_size": 16, "seed": 3, "checkpoint_every_s": 0,
+                      "optimizer": {"name": "sgd", "lr": 0.05, "l1": l1}}})
+        trainer = Trainer(spec, data, tmp_path / str(l1), progress=False)
+        trainer.run()
+        first_layer[l1] = trainer.model.blocks[0].linear
+    (plain_w, plain_b), (sparse_w, sparse_b) = ((first_layer[k].weight.detach(), first_layer[k].bias.detach())
+                                                for k in (0.0, 0.05))
+    near_zero = {name: (w.abs() < 5e-3).float().mean().item() for name, w in (("plain", plain_w), ("l1", sparse_w))}
+    assert near_zero["l1"] > 0.7 and near_zero["plain"] < 0.05, near_zero
+    assert sparse_w.abs().sum() < 0.2 * plain_w.abs().sum()
+    assert sparse_b.abs().sum() > 0.5 * plain_b.abs().sum()
+
+
+def test_l1_must_not_be_negative():
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        make_spec(optimizer={"l1": -0.1})
