@@ -29,7 +29,7 @@ def cmd_prepare(args) -> int:
     from pipeline.specs.config import dataset_spec
     from pipeline.data.prepare import prepare
     config = _config(args)
-    names = args.datasets or sorted({*config.datasets, *config.experiments.values()})
+    names = args.datasets or sorted({*config.datasets, *(e.dataset for e in config.experiments.values())})
     for name in names:
         out = Path(args.out) if args.out else config.paths.data / name
         meta = prepare(name, dataset_spec(config, name, args.params), out)
@@ -53,34 +53,69 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _seeds(args, config, spec) -> list[int]:
+    """--seed K, or the seeds params.yaml gives the experiment (its entry, else the project default)."""
+    if args.seed is not None:
+        if args.seed < 0:
+            raise UserError(None, f"--seed must be at least 0, got {args.seed}")
+        return [args.seed]
+    return config.seed_list(spec.name, base=spec.train.seed)
+
+
 def cmd_train(args) -> int:
+    from pipeline.engine.repeats import run_seeds, seed_jobs
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
-    from pipeline.engine.train import train_experiment
     config = _config(args)
     spec = load_spec(args.spec)
-    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(None, f"--workers must be at least 1, got {args.workers}")
+    data_dir = _data_dir(args, config, spec.data.dataset)
+    ensure_prepared(config, spec, data_dir, args.spec)
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
-    metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
-    final = metrics["final"].get(f"val/{metrics['main_metric']}")
-    print(f"{spec.name}: {metrics['status']} after {metrics['epochs']} epochs, val/{metrics['main_metric']}="
-          f"{final if final is None else round(final, 4)}, {metrics['train_time_s']:.1f}s → {run_dir}")
+    seeds = _seeds(args, config, spec)
+    jobs, done = seed_jobs(spec, args.spec, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir,
+                           None if args.no_track else tracking_uri(config), args.evaluate)
+    if done:
+        print(f"{spec.name}: seeds {done} already done for this spec, skipped")
+    run_seeds(jobs, args.workers)
+    for seed in seeds:
+        print(_seed_line(spec.name, seed, run_dir))
     return 0
+
+
+def _seed_line(name: str, seed: int, run_dir: Path) -> str:
+    from pipeline.engine.repeats import seed_dir
+    from pipeline.engine.evaluate import read_json
+    folder = seed_dir(run_dir, seed)
+    metrics = read_json(folder / "metrics.json")
+    metric = metrics["main_metric"]
+    final = metrics["final"].get(f"val/{metric}")
+    test = read_json(folder / "eval.json").get("test", {}) if (folder / "eval.json").is_file() else {}
+    shown = f", test/{metric}={round(test[metric], 4)}" if isinstance(test.get(metric), float) else ""
+    return (f"{name} seed {seed}: {metrics['status']} after {metrics['epochs']} epochs, val/{metric}="
+            f"{final if final is None else round(final, 4)}{shown}, {metrics['train_time_s']:.1f}s → {folder}")
 
 
 def cmd_evaluate(args) -> int:
     from pipeline.specs.config import tracking_uri
     from pipeline.engine.evaluate import evaluate_run
+    from pipeline.engine.repeats import seed_dir, seed_spec
     from pipeline.specs.experiment import load_spec
     config = _config(args)
     spec = load_spec(args.spec)
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
-    if not (run_dir / "checkpoint.pt").is_file():  # before preparing data: a mistake writes nothing
-        raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")
+    seeds = _seeds(args, config, spec)
+    for seed in seeds:  # before preparing data: a mistake writes nothing
+        if not (seed_dir(run_dir, seed) / "checkpoint.pt").is_file():
+            raise UserError(seed_dir(run_dir, seed), "no checkpoint.pt; run `archlab train` first")
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
-    result = evaluate_run(spec, data, run_dir, None if args.no_track else tracking_uri(config))
-    scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
-    print(f"{spec.name}: test {scalars}")
+    vary_split = config.vary_of(spec.name) == "split"
+    for seed in seeds:
+        result = evaluate_run(seed_spec(spec, seed, vary_split), data, seed_dir(run_dir, seed),
+                              None if args.no_track else tracking_uri(config))
+        scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
+        print(f"{spec.name} seed {seed}: test {scalars}")
     return 0
 
 
@@ -149,17 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="spec files")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("train", help="train one experiment (resumes an interrupted run)")
+    p = sub.add_parser("train", help="train one experiment over its seeds, each into runs/NAME/seed-K/ (resumes "
+                                     "interrupted seeds, skips finished ones)")
     p.add_argument("spec", help="spec file, e.g. specs/digits_mlp.yaml")
     p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
     p.add_argument("--out", help="run folder (default: runs/NAME)")
+    p.add_argument("--seed", type=int, help="train this seed only (default: the seeds params.yaml gives)")
+    p.add_argument("--workers", type=int, help="seeds trained side by side (default: one per core)")
+    p.add_argument("--evaluate", action="store_true", help="evaluate each seed on the test split after training")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a trained run on the test split")
+    p = sub.add_parser("evaluate", help="evaluate an experiment's trained seeds on the test split")
     p.add_argument("spec", help="spec file")
     p.add_argument("--data", help="prepared dataset folder")
     p.add_argument("--run", help="run folder (default: runs/NAME)")
+    p.add_argument("--seed", type=int, help="evaluate this seed only (default: the seeds params.yaml gives)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_evaluate)
 

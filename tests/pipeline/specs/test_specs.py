@@ -53,8 +53,9 @@ def test_every_field_has_a_description():
 def test_every_experiment_in_params_has_a_spec_on_its_dataset():
     from pipeline.specs.config import load_config
     config = load_config(REPO / "params.yaml")
-    for name, dataset in config.experiments.items():
+    for name, entry in config.experiments.items():
         spec = load_spec(REPO / "specs" / f"{name}.yaml")
+        dataset = entry.dataset
         assert spec.data.dataset == dataset, f"params.yaml says {name} trains on {dataset}, its spec says otherwise"
 
 
