@@ -126,9 +126,21 @@ def cmd_compare(args) -> int:
     names = args.experiments or list(config.experiments)
     runs = Path(args.runs) if args.runs else config.paths.runs
     out = Path(args.out) if args.out else config.paths.reports
-    table = compare(names, runs, out, None if args.no_track else tracking_uri(config))
+    seeds = {name: config.seed_list(name, base=_base_seed(config, name)) for name in names}
+    table = compare(names, runs, out, None if args.no_track else tracking_uri(config), seeds=seeds,
+                    declared=config.comparisons, margins=config.equivalence, source=args.params)
     print(f"compared {len(table)} experiments → {out}")
     return 0
+
+
+def _base_seed(config, name: str) -> int:
+    """The spec's train.seed, where the first seed starts (0 when the spec cannot be read)."""
+    from pipeline.specs.experiment import load_spec
+    path = config.paths.specs / f"{name}.yaml"
+    try:
+        return load_spec(path).train.seed if path.is_file() else 0
+    except UserError:
+        return 0
 
 
 def cmd_schema(args) -> int:
