@@ -71,7 +71,7 @@ def fmt_signed(value) -> str:
 def fmt_interval(r: RunRecord) -> str:
     """'0.9712 [0.9650, 0.9770]': the mean over seeds and its 95% interval (the value alone without one)."""
     summary = r.summary
-    if summary is None:
+    if summary is None or summary.levels == "seeds" and summary.n < 2:  # one seed and nothing to resample
         return fmt_metric(r.test_value)
     return f"{fmt_metric(summary.mean)} [{fmt_metric(summary.low)}, {fmt_metric(summary.high)}]"
 

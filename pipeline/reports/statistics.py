@@ -171,7 +171,7 @@ def _mean_difference(x, y, axis):
 
 def paired_permutation_p(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> float:
     """Two-sided p-value of a paired permutation test on the mean difference (A and B swapped within pairs)."""
-    if np.array_equal(a, b):
+    if len(a) < 2 or np.array_equal(a, b):  # one pair cannot be permuted into anything else
         return 1.0
     result = stats.permutation_test((a, b), _mean_difference, permutation_type="samples", vectorized=True,
                                     n_resamples=PERMUTATIONS, alternative="two-sided", batch=200, rng=rng)

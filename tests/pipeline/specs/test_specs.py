@@ -121,7 +121,7 @@ def test_bad_command_line_exits_2(project, capsys):
 def test_evaluating_a_run_never_trained_exits_2_and_writes_nothing(project, capsys):
     before = files_under(project)
     assert main(["evaluate", "specs/digits_mlp.yaml"]) == 2
-    assert "runs/digits_mlp: no checkpoint.pt; run `archlab train` first" in capsys.readouterr().err
+    assert "runs/digits_mlp/seed-0: no checkpoint.pt; run `archlab train` first" in capsys.readouterr().err
     assert files_under(project) == before  # not even the dataset is prepared for it
 
 
