@@ -236,7 +236,7 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord], com
         tables.append(("Who beats whom (paired over seeds and test examples)", verdict_table(comparisons)))
     others = test_metrics_table(records, metric)
     if others is not None and len(others.columns) > 2:
-        tables.append(("All test metrics", others))
+        tables.append(("All test metrics (of each experiment's first seed)", others))
     notes = []
     missing = [r.name for r in records if r.status == "missing"]
     if missing:
