@@ -64,6 +64,7 @@ def _seeds(args, config, spec) -> list[int]:
 
 def cmd_train(args) -> int:
     from pipeline.engine.repeats import run_seeds, seed_jobs
+    from pipeline.engine.train import mlflow_experiment_name
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
     config = _config(args)
@@ -78,7 +79,7 @@ def cmd_train(args) -> int:
                            None if args.no_track else tracking_uri(config), args.evaluate)
     if done:
         print(f"{spec.name}: seeds {done} already done for this spec, skipped")
-    run_seeds(jobs, args.workers)
+    run_seeds(jobs, args.workers, experiment=mlflow_experiment_name(spec))
     for seed in seeds:
         print(_seed_line(spec.name, seed, run_dir))
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 EXPERIMENTS = {"digits_mlp": "digits", "digits_lenet5": "digits", "diabetes_mlp": "diabetes"}
+SEEDS = 2  # the project default here; digits_lenet5 says 1 in its entry, and a test adds one
 # A two-trial sweep: its trials train under runs/, which must not make `compare` stale.
 SWEEP = {"name": "tiny", "candidates": {"mlp": {"spec": "digits_mlp", "space": {
     "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}},
@@ -53,7 +55,10 @@ def clone(tmp_path_factory) -> Path:
         shutil.copy(REPO / "specs" / f"{name}.yaml", root / "specs" / f"{name}.yaml")
         shrink_spec(root / "specs" / f"{name}.yaml")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["experiments"] = EXPERIMENTS
+    params["experiments"] = {name: {"dataset": dataset} for name, dataset in EXPERIMENTS.items()}
+    params["experiments"]["digits_lenet5"]["seeds"] = 1
+    params["seeds"] = SEEDS
+    params["comparisons"] = [["digits_lenet5", "digits_mlp"]]
     params["datasets"] = {k: v for k, v in params["datasets"].items() if k in EXPERIMENTS.values()}
     (root / "specs" / "sweeps").mkdir()
     (root / "specs" / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
@@ -71,8 +76,14 @@ def test_repro_trains_evaluates_and_compares_every_experiment(clone):
     assert sorted(r["experiment"] for r in rows) == sorted(EXPERIMENTS)
     assert all(r["status"] == "finished" for r in rows)
     for row in rows:
-        assert float(row["test_metric"]) == pytest.approx(
-            __import__("json").loads((clone / "runs" / row["experiment"] / "eval.json").read_text())["test"][row["metric"]])
+        seeds = 1 if row["experiment"] == "digits_lenet5" else SEEDS
+        values = [json.loads((clone / "runs" / row["experiment"] / f"seed-{s}" / "eval.json").read_text())["test"]
+                  [row["metric"]] for s in range(seeds)]
+        assert int(row["n_seeds"]) == seeds
+        assert float(row["test_metric"]) == pytest.approx(sum(values) / seeds)  # the mean over the seeds
+    verdicts = list(csv.DictReader((clone / "reports" / "comparisons.csv").open()))
+    declared = next(r for r in verdicts if r["a"] == "digits_lenet5")
+    assert declared["verdict"] == "inconclusive" and "single seed" in declared["reason"]
     md = (clone / "reports" / "comparison.md").read_text()
     assert all(name in md for name in EXPERIMENTS)
     summary = __import__("json").loads((clone / "reports" / "sweeps" / "tiny" / "summary.json").read_text())
@@ -84,11 +95,18 @@ def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.kind != ''")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(EXPERIMENTS) <= set(by_name)
+    assert {f"{name}/seed-0" for name in EXPERIMENTS} <= set(by_name)
     for name in EXPERIMENTS:
-        r = by_name[name]
+        r = by_name[f"{name}/seed-0"]
+        assert r.data.tags["archlab.experiment"] == name and r.data.tags["archlab.seed"] == "0"
         assert len(client.get_metric_history(r.info.run_id, "val/loss")) == 2
         assert any(k.startswith("test/") for k in r.data.metrics)
+    # the seeds of an experiment share its tag, and a summary run beside them holds the aggregates
+    mlp = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             filter_string="tags.`archlab.experiment` = 'digits_mlp'")
+    summary = [r for r in mlp if r.data.tags.get("archlab.summary") == "true"]
+    assert len(mlp) == SEEDS + len(summary) and summary
+    assert summary[-1].data.metrics["n_seeds"] == SEEDS and "test/accuracy/mean" in summary[-1].data.metrics
 
 
 def test_a_second_repro_changes_nothing(clone):
@@ -109,6 +127,24 @@ def test_changing_one_spec_reruns_only_that_experiment_and_compare(clone):
     assert "Running stage 'train@diabetes_mlp'" not in out
 
 
+def test_adding_a_seed_trains_only_the_new_seed(clone):
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["experiments"]["digits_lenet5"]["seeds"] = 2
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = clone / "runs" / "digits_lenet5" / "seed-0" / "checkpoint.pt"
+    before = first.stat().st_mtime_ns
+    status = run([sys.executable, "-m", "dvc", "status"], clone).stdout
+    stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert "train@digits_lenet5" in stale and "train@digits_mlp" not in stale
+    out = run([sys.executable, "-m", "dvc", "repro"], clone).stdout
+    assert "seeds [0] already done for this spec, skipped" in out
+    assert "Running stage 'train@digits_mlp'" not in out
+    assert first.stat().st_mtime_ns == before  # seed 0 untouched
+    assert json.loads((clone / "runs/digits_lenet5/seed-1/eval.json").read_text())["seed"] == 1
+    verdicts = list(csv.DictReader((clone / "reports" / "comparisons.csv").open()))
+    assert next(r for r in verdicts if r["a"] == "digits_lenet5")["n"] == "2"
+
+
 def test_metrics_are_declared_for_dvc(clone):
     out = run([sys.executable, "-m", "dvc", "metrics", "show"], clone).stdout
-    assert "runs/digits_mlp/eval.json" in out and "runs/digits_mlp/metrics.json" in out
+    assert "reports/evidence.json" in out and "digits_mlp.mean" in out

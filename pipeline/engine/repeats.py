@@ -90,14 +90,25 @@ def worker_plan(pending: int, workers: int | None) -> tuple[int, int]:
     return processes, max(1, cores // processes)
 
 
-def run_seeds(jobs: list[SeedJob], workers: int | None = None) -> list[SeedJob]:
+def open_tracking_store(uri: str, experiment: str) -> None:
+    """Create the MLflow store and experiment once, here: workers that each find them missing race to create
+    them (a fresh SQLite store's migration fails under two at once)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment)
+
+
+def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiment: str | None = None) -> list[SeedJob]:
     """Run the jobs (skipped ones already removed) side by side; → the jobs that ran. One job, or one worker,
-    runs in this process with its threads untouched."""
+    runs in this process with its threads untouched. `experiment`: the MLflow experiment the runs log to."""
     processes, threads = worker_plan(len(jobs), workers)
     if processes <= 1:
         for job in jobs:
             run_seed(job)
         return jobs
+    if jobs[0].tracking_uri and experiment:
+        open_tracking_store(jobs[0].tracking_uri, experiment)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     ctx = multiprocessing.get_context("spawn")  # forking a process that holds torch threads is unsafe
