@@ -71,10 +71,10 @@ def cmd_train(args) -> int:
     spec = load_spec(args.spec)
     if args.workers is not None and args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")
+    seeds = _seeds(args, config, spec)  # before preparing data: a mistake writes nothing
     data_dir = _data_dir(args, config, spec.data.dataset)
     ensure_prepared(config, spec, data_dir, args.spec)
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
-    seeds = _seeds(args, config, spec)
     jobs, done = seed_jobs(spec, args.spec, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir,
                            None if args.no_track else tracking_uri(config), args.evaluate)
     if done:
