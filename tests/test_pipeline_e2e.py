@@ -105,7 +105,7 @@ def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):
     mlp = client.search_runs([e.experiment_id for e in client.search_experiments()],
                              filter_string="tags.`archlab.experiment` = 'digits_mlp'")
     summary = [r for r in mlp if r.data.tags.get("archlab.summary") == "true"]
-    assert len(mlp) == SEEDS + len(summary) and summary
+    assert len(mlp) == SEEDS + 1 and len(summary) == 1
     assert summary[-1].data.metrics["n_seeds"] == SEEDS and "test/accuracy/mean" in summary[-1].data.metrics
 
 
@@ -143,6 +143,10 @@ def test_adding_a_seed_trains_only_the_new_seed(clone):
     assert json.loads((clone / "runs/digits_lenet5/seed-1/eval.json").read_text())["seed"] == 1
     verdicts = list(csv.DictReader((clone / "reports" / "comparisons.csv").open()))
     assert next(r for r in verdicts if r["a"] == "digits_lenet5")["n"] == "2"
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    summaries = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string=(
+        "tags.`archlab.experiment` = 'digits_lenet5' and tags.`archlab.summary` = 'true'"))
+    assert len(summaries) == 1 and summaries[0].data.metrics["n_seeds"] == 2  # updated, not repeated
 
 
 def test_metrics_are_declared_for_dvc(clone):

@@ -391,6 +391,18 @@ def comparisons_frame(comparisons: dict) -> pd.DataFrame:
                                        "p_a_beats_b", "p_value", "p_holm", "verdict", "reason", "declared"])
 
 
+def _summary_run_id(tracking_uri: str, experiment: str, name: str) -> str | None:
+    """The experiment's summary run from an earlier compare, updated rather than repeated."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], max_results=1, filter_string=(
+        f"tags.`archlab.experiment` = '{name}' and tags.`archlab.summary` = 'true'"))
+    return runs[0].info.run_id if runs else None
+
+
 def log_summaries(tracking_uri: str, records: list[RunRecord]) -> None:
     """One summary run per experiment beside its seeds' runs (same MLflow experiment and archlab.experiment tag):
     mean, std and interval of the main metric over the seeds."""
@@ -399,9 +411,11 @@ def log_summaries(tracking_uri: str, records: list[RunRecord]) -> None:
         s = r.summary
         if s is None:
             continue
-        tracker = Tracker(tracking_uri, f"{r.dataset}/{r.task}", run_name=f"{r.name} (summary)",
-                          tags={"archlab.experiment": r.name, "archlab.summary": "true", "kind": r.kind or "",
-                                "seeds": ",".join(map(str, sorted(r.seed_values)))})
+        experiment = f"{r.dataset}/{r.task}"
+        tracker = Tracker(tracking_uri, experiment, run_id=_summary_run_id(tracking_uri, experiment, r.name),
+                          run_name=f"{r.name} (summary)")
+        tracker.set_tags({"archlab.experiment": r.name, "archlab.summary": "true", "kind": r.kind or "",
+                          "seeds": ",".join(map(str, sorted(r.seed_values)))})
         values = {"n_seeds": s.n, f"test/{s.metric}/mean": s.mean, f"test/{s.metric}/ci_low": s.low,
                   f"test/{s.metric}/ci_high": s.high}
         if s.std is not None:
