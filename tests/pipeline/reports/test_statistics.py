@@ -35,6 +35,25 @@ def test_paired_permutation_p_is_scipys_exact_paired_test():
     assert theirs == pytest.approx(4 / 32)
 
 
+def test_sign_flip_p_agrees_with_scipys_randomized_test():
+    """Past enumeration, our p-value and scipy's are two Monte Carlo estimates of the same number."""
+    rng = np.random.default_rng(5)
+    for shift in (0.0, 0.15, 0.4):
+        d = rng.normal(shift, 1.0, size=60)
+        theirs = stats.permutation_test((d,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
+                                        vectorized=True, n_resamples=20000, rng=np.random.default_rng(1)).pvalue
+        ours = st.sign_flip_p(d, np.random.default_rng(2), resamples=20000)
+        assert ours == pytest.approx(theirs, abs=0.01), (shift, ours, theirs)
+
+
+def test_tied_pairs_do_not_change_the_p_value():
+    a = np.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 1], dtype=float)
+    b = np.array([1, 0, 0, 0, 1, 0, 0, 1, 1, 0], dtype=float)
+    full = stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
+                                  vectorized=True).pvalue  # exact: 2^10 patterns
+    assert st.paired_permutation_p(a, b, np.random.default_rng(0)) == pytest.approx(full)
+
+
 def test_holm_by_hand():
     # sorted 0.01, 0.02, 0.04 → 3×0.01 = 0.03, 2×0.02 = 0.04, 1×0.04 = 0.04 (kept monotone)
     assert st.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
