@@ -388,7 +388,7 @@ def evidence_metrics(records: list[RunRecord]) -> dict:
 def comparisons_frame(comparisons: dict) -> pd.DataFrame:
     rows = [{"dataset": dataset, "task": task, **c.__dict__} for (dataset, task), cs in comparisons.items() for c in cs]
     return pd.DataFrame(rows, columns=["dataset", "task", "a", "b", "metric", "n", "advantage", "low", "high",
-                                       "p_a_beats_b", "p_value", "p_holm", "verdict", "reason", "declared"])
+                                       "p_a_beats_b", "p_value", "p_holm", "margin", "verdict", "reason", "declared"])
 
 
 def _summary_run_id(tracking_uri: str, experiment: str, name: str) -> str | None:

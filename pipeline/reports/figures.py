@@ -139,11 +139,14 @@ def forest(writer: FigureWriter, dataset: str, task: str, comparisons: list) -> 
         ax.text(1.01, y, f"{c.verdict} (n={c.n})", transform=ax.get_yaxis_transform(), va="center", fontsize=7,
                 color=palette[c.verdict])
     ax.axvline(0, color="black", lw=0.8)
+    if shown[0].margin:
+        ax.axvspan(-shown[0].margin, shown[0].margin, color="#0969da", alpha=0.08, lw=0)
     ax.set_yticks(range(len(shown)), [_short(f"{c.a} vs {c.b}", 40) for c in reversed(shown)], fontsize=7)
     ax.set_xlabel(f"advantage of A over B in {shown[0].metric} (positive: A better)")
     ax.grid(axis="x", alpha=0.25)
     caption = (f"Paired differences on {dataset} ({task}): mean over shared seeds (dot) and 95% interval from the "
-               "two-level bootstrap (seeds, then test examples), coloured by verdict.")
+               "two-level bootstrap (seeds, then test examples), coloured by verdict; the shaded band is the metric's "
+               "practical-equivalence margin.")
     return writer.save(fig, f"forest_{slug(dataset, task)}", f"forest-{slug(dataset, task)}",
                        f"Who beats whom — {dataset} ({task})", caption)
 

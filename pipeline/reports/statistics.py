@@ -157,6 +157,7 @@ class Comparison:
     p_a_beats_b: float
     p_value: float
     declared: bool = False
+    margin: float | None = None  # the metric's practical-equivalence margin
     p_holm: float = float("nan")
     verdict: str = "inconclusive"
     reason: str = ""
@@ -254,7 +255,7 @@ def verdict(n: int, low: float, high: float, p_holm: float, margin: float | None
 def judge(comparisons: list[Comparison], margin: float | None) -> list[Comparison]:
     """Holm across one group's comparisons, then each one's verdict."""
     for c, adjusted in zip(comparisons, holm([c.p_value for c in comparisons])):
-        c.p_holm = adjusted
+        c.p_holm, c.margin = adjusted, margin
         c.verdict, c.reason = verdict(c.n, c.low, c.high, adjusted, margin)
     return comparisons
 
