@@ -110,3 +110,15 @@ def test_per_example_records_add_up_to_the_reported_metric(task, model, metric, 
     records = read_records(run_dir / result["records"])
     every = np.arange(len(data.tensors["test_x"]))[None]
     assert metric_from_records(task, records, every)[0] == pytest.approx(result["test"][metric], rel=1e-5)
+
+
+def test_vary_split_trains_each_seed_on_its_own_split(tmp_path):
+    from pipeline.engine.train import Trainer
+    data = tiny_classification(n=120)
+    spec = ExperimentSpec.model_validate({"name": "t", "data": {"dataset": "tiny"}, "task": "classify",
+                                          "model": {"kind": "mlp", "hidden": []}, "train": {"epochs": 1}})
+    same = [Trainer(seed_spec(spec, s, False), data, tmp_path / f"i{s}", progress=False) for s in (0, 1)]
+    split = [Trainer(seed_spec(spec, s, True), data, tmp_path / f"s{s}", progress=False) for s in (0, 1)]
+    assert torch.equal(same[0].val_x, same[1].val_x) and torch.equal(same[0].val_x, data.tensors["val_x"])
+    assert not torch.equal(split[0].val_x, split[1].val_x)
+    assert len(split[0].val_x) == len(data.tensors["val_x"])
