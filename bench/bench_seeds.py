@@ -47,6 +47,7 @@ def make_project(root: Path, spec_name: str, epochs: int) -> Path:
 
 def run_batch(spec_path: Path, seeds: int, out: Path, workers: int, threads: int | None) -> float:
     import torch
+
     from pipeline.engine.repeats import run_seeds, seed_jobs
     from pipeline.specs.experiment import load_spec
     spec = load_spec(spec_path)

@@ -135,13 +135,10 @@ def cmd_compare(args) -> int:
 
 
 def _base_seed(config, name: str) -> int:
-    """The spec's train.seed, where the first seed starts (0 when the spec cannot be read)."""
+    """The spec's train.seed, where the experiment's first seed starts (0 for runs without a spec here)."""
     from pipeline.specs.experiment import load_spec
     path = config.paths.specs / f"{name}.yaml"
-    try:
-        return load_spec(path).train.seed if path.is_file() else 0
-    except UserError:
-        return 0
+    return load_spec(path).train.seed if path.is_file() else 0
 
 
 def cmd_schema(args) -> int:

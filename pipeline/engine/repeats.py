@@ -60,6 +60,7 @@ class SeedJob:
 def run_seed(job: SeedJob) -> dict:
     """Train (or resume) one seed, then evaluate it when asked; → the run's metrics.json."""
     import torch
+
     from pipeline.data.prepare import load_prepared
     from pipeline.engine.evaluate import evaluate_run
     from pipeline.engine.train import train_experiment

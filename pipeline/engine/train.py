@@ -424,8 +424,8 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     run_dir = Path(run_dir)
 
     def open_tracker(run_id: str | None) -> Tracker:
-        tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id, run_name=run_name or spec.name,
-                          parent_run_id=parent_run_id)
+        tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id,
+                          run_name=run_name or spec.name, parent_run_id=parent_run_id)
         tracker.log_params(flatten(spec.model_dump(mode="json")))
         tracker.set_tags({"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
                           "spec_hash": spec.spec_hash(), "git_commit": git_commit(),

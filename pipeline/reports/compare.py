@@ -348,12 +348,14 @@ def attach_statistics(records: list[RunRecord], declared: list[tuple[str, str]],
                       seed: int = 0) -> dict[tuple[str, str], list]:
     """Each record's summary over its seeds; each group's comparisons, judged → {(dataset, task): [Comparison]}."""
     import numpy as np
+
+    from pipeline.engine.tasks import TASKS
     from pipeline.reports import statistics as st
     rng = np.random.default_rng(seed)  # fixed: the same runs give the same report
     group_of = {r.name: (r.dataset, r.task) for r in records}
     evidence: dict[tuple[str, str], dict] = {}
     for r in records:
-        found = st.load_evidence(r.name, r.task, r.seed_dirs) if r.task in st.TASKS else None
+        found = st.load_evidence(r.name, r.task, r.seed_dirs) if r.task in TASKS else None
         if found is not None:
             r.summary = st.summarize(found, rng)
             evidence.setdefault(group_of[r.name], {})[r.name] = found

@@ -64,6 +64,13 @@ def metric_mode(metric: str | None) -> str:
     return "min" if metric and metric.lower() in LOWER_IS_BETTER else "max"
 
 
+def task_mode(task: str | None, metric: str | None = None) -> str:
+    """Which way a task's main metric runs: the task's own `mode` (pipeline/engine/tasks.py); by the metric's
+    name only for a run whose task is unknown."""
+    from pipeline.engine.tasks import TASKS
+    return TASKS[task]().mode if task in TASKS else metric_mode(metric)
+
+
 @dataclass
 class RunRecord:
     """Everything the reports know of one experiment."""
@@ -106,11 +113,7 @@ class RunRecord:
 
     @property
     def mode(self) -> str:
-        """Which way the main metric runs: the task's own `mode` (pipeline/engine/tasks.py)."""
-        from pipeline.engine.tasks import TASKS
-        if self.task in TASKS:
-            return TASKS[self.task]().mode
-        return metric_mode(self.main_metric)
+        return task_mode(self.task, self.main_metric)
 
     # results -------------------------------------------------------------------
     @property

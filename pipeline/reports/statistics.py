@@ -20,9 +20,13 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from pipeline.engine.examples import example_scores, has_records, metric_from_records, read_records
-from pipeline.engine.tasks import TASKS
-from pipeline.reports.records import finite, read_json
+from pipeline.engine.examples import (
+    example_scores,
+    has_records,
+    metric_from_records,
+    read_records,
+)
+from pipeline.reports.records import finite, read_json, task_mode
 
 CONFIDENCE = 0.95
 ALPHA = 0.05  # family-wise error rate of one group's comparisons, after Holm's correction
@@ -30,11 +34,6 @@ BOOTSTRAP_RESAMPLES = 2000
 PERMUTATIONS = 9999
 CHUNK = 100  # bootstrap resamples drawn at once: bounds memory at CHUNK × examples per seed slot
 VERDICTS = ("better", "worse", "equivalent", "inconclusive")
-
-
-def task_mode(task: str) -> str:
-    """'max' or 'min' for the task's main metric, from the task itself."""
-    return TASKS[task]().mode
 
 
 @dataclass

@@ -108,7 +108,7 @@ def _evidence(name: str, per_seed: list[float], n_examples: int = 200, seed: int
     records = {}
     for s, acc in enumerate(per_seed):
         correct = np.zeros(n_examples, dtype=bool)
-        correct[rng.choice(n_examples, int(round(acc * n_examples)), replace=False)] = True
+        correct[rng.choice(n_examples, round(acc * n_examples), replace=False)] = True
         records[s] = {"correct": correct}
     return st.Evidence(name, "classify", "accuracy", {s: float(r["correct"].mean()) for s, r in records.items()},
                        records)
