@@ -56,11 +56,8 @@ def finite(value) -> float | None:
 
 
 def metric_mode(metric: str | None) -> str:
-    """'min' when a lower value of the metric is better, else 'max'.
-
-    By name, so the reports need not import the tasks (and torch with them): every task's main
-    metric is either on LOWER_IS_BETTER or higher-is-better (accuracy, r2, exact_accuracy, coverage).
-    """
+    """'min' when a lower value of the metric is better, else 'max', by the metric's name: for metrics other
+    than a task's main one (whose direction is the task's `mode`, see task_mode)."""
     return "min" if metric and metric.lower() in LOWER_IS_BETTER else "max"
 
 
