@@ -55,8 +55,9 @@ class MLPSpec(ModelSpecBase):
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classify", "regress"})
     kind: Literal["mlp"] = Field(description="Model family: multi-layer perceptron.")
-    hidden: list[PositiveInt] = Field(default=[128, 128], description="Width of each hidden layer, input side "
-                                      "first; [] is a plain linear model (logistic regression for classify).")
+    hidden: list[PositiveInt] = Field(default=[128, 128], description="Width of each hidden layer, input side first; "
+                                      "[] is a linear model (logistic regression for classify, least squares for "
+                                      "regress).")
     activation: ActivationName = Field(default="relu", description="Non-linearity after each hidden layer.")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout probability after each hidden layer.")
     batch_norm: bool = Field(default=False, description="Batch normalisation before each activation.")

@@ -5,6 +5,7 @@ User mistakes end in `file: field: message` on stderr and exit status 2, without
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def cmd_prepare(args) -> int:
     from pipeline.data.prepare import prepare
     from pipeline.specs.config import dataset_spec
     config = _config(args)
-    names = args.datasets or sorted({*config.datasets, *config.experiments.values()})
+    names = args.datasets or sorted({*config.datasets, *(e.dataset for e in config.experiments.values())})
     for name in names:
         out = Path(args.out) if args.out else config.paths.data / name
         meta = prepare(name, dataset_spec(config, name, args.params), out)
@@ -55,59 +56,111 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def torchrun_command(args) -> list[str]:
+def _seeds(args, config, spec) -> list[int]:
+    """--seed K, or the seeds params.yaml gives the experiment (its entry, else the project default)."""
+    if args.seed is not None:
+        if args.seed < 0:
+            raise UserError(None, f"--seed must be at least 0, got {args.seed}")
+        return [args.seed]
+    return config.seed_list(spec.name, base=spec.train.seed)
+
+
+def torchrun_command(args, seed: int) -> list[str]:
     """`archlab train ... --nproc N` is `torchrun --standalone --nproc-per-node N -m pipeline.cli train ...`."""
     rest = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value for flag in (flag, value)]
+    switches = [flag for flag, on in (("--evaluate", args.evaluate), ("--no-track", args.no_track)) if on]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-            "-m", "pipeline.cli", "--params", args.params, "train", args.spec, *rest,
-            *(["--no-track"] if args.no_track else [])]
+            "-m", "pipeline.cli", "--params", args.params, "train", args.spec, "--seed", str(seed), *rest, *switches]
 
 
-def launch_ranks(args) -> int:
+def launch_ranks(args, seed: int) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # the ranks share the cores
-    return subprocess.call(torchrun_command(args), env=env)
+    return subprocess.call(torchrun_command(args, seed), env=env)
+
+
+def train_as_rank(job) -> None:
+    """Under torchrun: every rank trains the one seed in this process; rank 0 alone evaluates and reports."""
+    from dataclasses import replace
+
+    from pipeline.engine.distributed import is_main_process, stop
+    from pipeline.engine.repeats import run_seed
+    try:
+        run_seed(replace(job, evaluate=job.evaluate and is_main_process()))
+    finally:
+        stop()  # leave the process group
 
 
 def cmd_train(args) -> int:
-    from pipeline.engine.distributed import is_main_process, launched_by_torchrun, stop
-    from pipeline.engine.train import train_experiment
+    from pipeline.engine.distributed import is_main_process, launched_by_torchrun
+    from pipeline.engine.repeats import run_seeds, seed_jobs
+    from pipeline.engine.train import mlflow_experiment_name
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
     if args.nproc < 1:
         raise UserError(None, f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and launched_by_torchrun():
         raise UserError(None, "--nproc: this is already a torchrun rank; use torchrun's --nproc-per-node alone")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(None, f"--workers must be at least 1, got {args.workers}")
     config = _config(args)
     spec = load_spec(args.spec)
-    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)  # once, not per rank
+    seeds = _seeds(args, config, spec)  # before preparing data: a mistake writes nothing
+    data_parallel = args.nproc > 1 or launched_by_torchrun()
+    if data_parallel and len(seeds) != 1:
+        raise UserError(None, f"data-parallel training trains one seed at a time, and {spec.name} has seeds "
+                        f"{seeds}; add --seed K")
+    data_dir = _data_dir(args, config, spec.data.dataset)
+    ensure_prepared(config, spec, data_dir, args.spec)  # once, before any rank or worker starts
     if args.nproc > 1:
-        return launch_ranks(args)
+        return launch_ranks(args, seeds[0])
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
-    try:
-        metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
-    finally:
-        stop()  # leave the process group, if torchrun started this process
-    if not is_main_process():
-        return 0  # rank 0 reports
-    final = metrics["final"].get(f"val/{metrics['main_metric']}")
-    print(f"{spec.name}: {metrics['status']} after {metrics['epochs']} epochs, val/{metrics['main_metric']}="
-          f"{final if final is None else round(final, 4)}, {metrics['train_time_s']:.1f}s → {run_dir}")
+    jobs, done = seed_jobs(spec, args.spec, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir,
+                           None if args.no_track else tracking_uri(config), args.evaluate)
+    if done:
+        print(f"{spec.name}: seeds {done} already done for this spec, skipped")
+    if data_parallel:
+        for job in jobs:
+            train_as_rank(job)
+        if not is_main_process():
+            return 0  # rank 0 reports
+    else:
+        run_seeds(jobs, args.workers, experiment=mlflow_experiment_name(spec))
+    for seed in seeds:
+        print(_seed_line(spec.name, seed, run_dir))
     return 0
+
+
+def _seed_line(name: str, seed: int, run_dir: Path) -> str:
+    from pipeline.engine.repeats import seed_dir
+    folder = seed_dir(run_dir, seed)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metric = metrics["main_metric"]
+    final = metrics["final"].get(f"val/{metric}")
+    test = json.loads((folder / "eval.json").read_text()).get("test", {}) if (folder / "eval.json").is_file() else {}
+    shown = f", test/{metric}={round(test[metric], 4)}" if isinstance(test.get(metric), float) else ""
+    return (f"{name} seed {seed}: {metrics['status']} after {metrics['epochs']} epochs, val/{metric}="
+            f"{final if final is None else round(final, 4)}{shown}, {metrics['train_time_s']:.1f}s → {folder}")
 
 
 def cmd_evaluate(args) -> int:
     from pipeline.engine.evaluate import evaluate_run
+    from pipeline.engine.repeats import seed_dir, seed_spec
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
     config = _config(args)
     spec = load_spec(args.spec)
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
-    if not (run_dir / "checkpoint.pt").is_file():  # before preparing data: a mistake writes nothing
-        raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")
+    seeds = _seeds(args, config, spec)
+    for seed in seeds:  # before preparing data: a mistake writes nothing
+        if not (seed_dir(run_dir, seed) / "checkpoint.pt").is_file():
+            raise UserError(seed_dir(run_dir, seed), "no checkpoint.pt; run `archlab train` first")
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
-    result = evaluate_run(spec, data, run_dir, None if args.no_track else tracking_uri(config))
-    scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
-    print(f"{spec.name}: test {scalars}")
+    vary_split = config.vary_of(spec.name) == "split"
+    for seed in seeds:
+        result = evaluate_run(seed_spec(spec, seed, vary_split), data, seed_dir(run_dir, seed),
+                              None if args.no_track else tracking_uri(config))
+        scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
+        print(f"{spec.name} seed {seed}: test {scalars}")
     return 0
 
 
@@ -118,9 +171,18 @@ def cmd_compare(args) -> int:
     names = args.experiments or list(config.experiments)
     runs = Path(args.runs) if args.runs else config.paths.runs
     out = Path(args.out) if args.out else config.paths.reports
-    table = compare(names, runs, out, None if args.no_track else tracking_uri(config))
+    seeds = {name: config.seed_list(name, base=_base_seed(config, name)) for name in names}
+    table = compare(names, runs, out, None if args.no_track else tracking_uri(config), seeds=seeds,
+                    declared=config.comparisons, margins=config.equivalence, source=args.params)
     print(f"compared {len(table)} experiments → {out}")
     return 0
+
+
+def _base_seed(config, name: str) -> int:
+    """The spec's train.seed, where the experiment's first seed starts (0 for runs without a spec here)."""
+    from pipeline.specs.experiment import load_spec
+    path = config.paths.specs / f"{name}.yaml"
+    return load_spec(path).train.seed if path.is_file() else 0
 
 
 def cmd_schema(args) -> int:
@@ -186,19 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="spec files")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("train", help="train one experiment (resumes an interrupted run)")
+    p = sub.add_parser("train", help="train one experiment over its seeds, each into runs/NAME/seed-K/ (resumes "
+                                     "interrupted seeds, skips finished ones)")
     p.add_argument("spec", help="spec file, e.g. specs/digits_mlp.yaml")
     p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
     p.add_argument("--out", help="run folder (default: runs/NAME)")
+    p.add_argument("--seed", type=int, help="train this seed only (default: the seeds params.yaml gives)")
+    p.add_argument("--workers", type=int, help="seeds trained side by side (default: one per core)")
+    p.add_argument("--evaluate", action="store_true", help="evaluate each seed on the test split after training")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun; "
                                                        "several machines: torchrun -m pipeline.cli train ...)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a trained run on the test split")
+    p = sub.add_parser("evaluate", help="evaluate an experiment's trained seeds on the test split")
     p.add_argument("spec", help="spec file")
     p.add_argument("--data", help="prepared dataset folder")
     p.add_argument("--run", help="run folder (default: runs/NAME)")
+    p.add_argument("--seed", type=int, help="evaluate this seed only (default: the seeds params.yaml gives)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_evaluate)
 

@@ -20,6 +20,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 EXPERIMENTS = {"digits_mlp": "digits", "digits_lenet5": "digits", "diabetes_mlp": "diabetes"}
+SEEDS = 2  # the project default here; digits_lenet5 says 1 in its entry, and a test adds one
 # A two-trial sweep: its trials train under runs/, which must not make `compare` stale.
 SWEEP = {"name": "tiny", "candidates": {"mlp": {"spec": "digits_mlp", "space": {
     "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}},
@@ -56,7 +57,10 @@ def clone(tmp_path_factory) -> Path:
         shutil.copy(REPO / "specs" / f"{name}.yaml", root / "specs" / f"{name}.yaml")
         shrink_spec(root / "specs" / f"{name}.yaml")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["experiments"] = EXPERIMENTS
+    params["experiments"] = {name: {"dataset": dataset} for name, dataset in EXPERIMENTS.items()}
+    params["experiments"]["digits_lenet5"]["seeds"] = 1
+    params["seeds"] = SEEDS
+    params["comparisons"] = [["digits_lenet5", "digits_mlp"]]
     params["datasets"] = {k: v for k, v in params["datasets"].items() if k in EXPERIMENTS.values()}
     (root / "specs" / "sweeps").mkdir()
     (root / "specs" / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
@@ -74,8 +78,14 @@ def test_repro_trains_evaluates_and_compares_every_experiment(clone):
     assert sorted(r["experiment"] for r in rows) == sorted(EXPERIMENTS)
     assert all(r["status"] == "finished" for r in rows)
     for row in rows:
-        assert float(row["test_metric"]) == pytest.approx(
-            __import__("json").loads((clone / "runs" / row["experiment"] / "eval.json").read_text())["test"][row["metric"]])
+        seeds = 1 if row["experiment"] == "digits_lenet5" else SEEDS
+        values = [json.loads((clone / "runs" / row["experiment"] / f"seed-{s}" / "eval.json").read_text())["test"]
+                  [row["metric"]] for s in range(seeds)]
+        assert int(row["n_seeds"]) == seeds
+        assert float(row["test_metric"]) == pytest.approx(sum(values) / seeds)  # the mean over the seeds
+    verdicts = list(csv.DictReader((clone / "reports" / "comparisons.csv").open()))
+    declared = next(r for r in verdicts if r["a"] == "digits_lenet5")
+    assert declared["verdict"] == "inconclusive" and "single seed" in declared["reason"]
     md = (clone / "reports" / "comparison.md").read_text()
     assert all(name in md for name in EXPERIMENTS)
     summary = __import__("json").loads((clone / "reports" / "sweeps" / "tiny" / "summary.json").read_text())
@@ -87,9 +97,10 @@ def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.kind != ''")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(EXPERIMENTS) <= set(by_name)
+    assert {f"{name}/seed-0" for name in EXPERIMENTS} <= set(by_name)
     for name in EXPERIMENTS:
-        r = by_name[name]
+        r = by_name[f"{name}/seed-0"]
+        assert r.data.tags["archlab.experiment"] == name and r.data.tags["archlab.seed"] == "0"
         assert len(client.get_metric_history(r.info.run_id, "val/loss")) == 2
         assert any(k.startswith("test/") for k in r.data.metrics)
         # each run carries its own figures, logged by compare without reopening it
@@ -97,6 +108,12 @@ def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):
         group = "digits-classify" if name.startswith("digits") else "diabetes-regress"
         assert {f"figures/grad_{name}.png", f"figures/curves_{group}.png"} <= figures
         assert r.info.status == "FINISHED"
+    # the seeds of an experiment share its tag, and a summary run beside them holds the aggregates
+    mlp = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             filter_string="tags.`archlab.experiment` = 'digits_mlp'")
+    summary = [r for r in mlp if r.data.tags.get("archlab.summary") == "true"]
+    assert len(mlp) == SEEDS + 1 and len(summary) == 1
+    assert summary[-1].data.metrics["n_seeds"] == SEEDS and "test/accuracy/mean" in summary[-1].data.metrics
 
 
 def test_a_second_repro_changes_nothing(clone):
@@ -127,13 +144,14 @@ def dvc_json(clone: Path, *args: str):
 
 def test_dvc_metrics_show_is_numbers_only_one_file_per_experiment(clone):
     shown = dvc_json(clone, "metrics", "show")[""]["data"]
-    assert set(shown) == {f"reports/scores/{name}.json" for name in EXPERIMENTS}
+    assert set(shown) == {f"reports/scores/{name}.json" for name in EXPERIMENTS} | {"reports/evidence.json"}
     for name in EXPERIMENTS:
         scores = shown[f"reports/scores/{name}.json"]["data"]
         assert set(scores) == SCORE_KEYS
         assert all(isinstance(v, (int, float)) for v in scores.values())
-        assert scores["test_metric"] == pytest.approx(json.loads((clone / "runs" / name / "eval.json").read_text())[
-            "test"][json.loads((clone / "runs" / name / "eval.json").read_text())["main_metric"]])
+        evals = [json.loads(p.read_text()) for p in sorted((clone / "runs" / name).glob("seed-*/eval.json"))]
+        seed_values = [e["test"][e["main_metric"]] for e in evals]
+        assert scores["test_metric"] == pytest.approx(sum(seed_values) / len(seed_values))  # the mean over seeds
 
 
 SERVE = """
@@ -147,11 +165,11 @@ print(json.dumps({"accuracy": float((predicted == arrays["test_y"]).mean())}))
 
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_lenet5"])
 def test_a_logged_model_loads_through_pyfunc_in_a_fresh_process_and_scores_its_test_metric(clone, name):
-    run_id = json.loads((clone / "runs" / name / "metrics.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((clone / "runs" / name / "seed-0" / "metrics.json").read_text())["mlflow_run_id"]
     out = run([sys.executable, "-c", SERVE, f"sqlite:///{clone / 'mlflow.db'}", run_id,
                str(clone / "data" / "prepared" / "digits" / "arrays.npz")], clone)
     served = json.loads(out.stdout.strip().splitlines()[-1])
-    tested = json.loads((clone / "runs" / name / "eval.json").read_text())["test"]["accuracy"]
+    tested = json.loads((clone / "runs" / name / "seed-0" / "eval.json").read_text())["test"]["accuracy"]
     assert served["accuracy"] == pytest.approx(tested)
 
 
@@ -199,3 +217,28 @@ def test_an_experiment_holds_its_metrics_in_dvc_exp_show_and_metrics_diff_compar
     changed = diff["reports/scores/digits_lenet5.json"]
     assert changed["test_metric"]["new"] == scores["test_metric"]
     assert "reports/scores/digits_mlp.json" not in diff  # untouched experiments do not differ
+def test_adding_a_seed_trains_only_the_new_seed(clone):
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["experiments"]["digits_lenet5"]["seeds"] = 2
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = clone / "runs" / "digits_lenet5" / "seed-0" / "checkpoint.pt"
+    before = first.stat().st_mtime_ns
+    status = run([sys.executable, "-m", "dvc", "status"], clone).stdout
+    stale = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert "train@digits_lenet5" in stale and "train@digits_mlp" not in stale
+    out = run([sys.executable, "-m", "dvc", "repro"], clone).stdout
+    assert "seeds [0] already done for this spec, skipped" in out
+    assert "Running stage 'train@digits_mlp'" not in out
+    assert first.stat().st_mtime_ns == before  # seed 0 untouched
+    assert json.loads((clone / "runs/digits_lenet5/seed-1/eval.json").read_text())["seed"] == 1
+    verdicts = list(csv.DictReader((clone / "reports" / "comparisons.csv").open()))
+    assert next(r for r in verdicts if r["a"] == "digits_lenet5")["n"] == "2"
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    summaries = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string=(
+        "tags.`archlab.experiment` = 'digits_lenet5' and tags.`archlab.summary` = 'true'"))
+    assert len(summaries) == 1 and summaries[0].data.metrics["n_seeds"] == 2  # updated, not repeated
+
+
+def test_metrics_are_declared_for_dvc(clone):
+    out = run([sys.executable, "-m", "dvc", "metrics", "show"], clone).stdout
+    assert "reports/evidence.json" in out and "digits_mlp.mean" in out

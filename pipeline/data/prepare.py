@@ -241,7 +241,7 @@ def _check(raw: RawData, where: str) -> None:
         raise UserError(where, f"only {len(raw.x)} samples; need at least 10 to split", field="x")
 
 
-def _split(n: int, y: np.ndarray, fraction: float, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+def _split(n: int, y: np.ndarray, fraction: float | int, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
     idx = np.arange(n)
     strat = y if stratify and np.bincount(y).min() >= 2 else None
@@ -368,6 +368,18 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def redraw_split(data: Prepared, seed: int) -> Prepared:
+    """Train and validation pooled and split again with `seed`, at the same sizes (stratified by class where
+    the prepared split was); the test split is left alone. Normalisation keeps the prepared split's statistics."""
+    t = data.tensors
+    x, y = torch.cat([t["train_x"], t["val_x"]]), torch.cat([t["train_y"], t["val_y"]])
+    labels = y.numpy() if data.meta.get("target") == "class" else np.zeros(len(y), dtype=np.int64)
+    train, val = _split(len(x), labels, len(t["val_x"]), seed, data.meta.get("target") == "class")
+    train, val = torch.from_numpy(train), torch.from_numpy(val)
+    tensors = {**t, "train_x": x[train], "train_y": y[train], "val_x": x[val], "val_y": y[val]}
+    return Prepared(meta={**data.meta, "split_seed": seed}, tensors=tensors)
 
 
 def load_prepared(folder: str | Path) -> Prepared:

@@ -1,4 +1,5 @@
-"""Test-set evaluation of a trained run: runs/NAME/eval.json, added to the run's MLflow run."""
+"""Test-set evaluation of a trained run: eval.json and the per-example records.npz beside it, added to the
+run's MLflow run."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from pathlib import Path
 from pipeline.data.prepare import Prepared
 from pipeline.io import atomic_write_json
 from pipeline.specs.experiment import ExperimentSpec
+from pipeline.engine.examples import RECORDS, example_records, write_records
 from pipeline.engine.tasks import make_task
 from pipeline.engine.train import load_checkpoint_model
 
@@ -17,8 +19,12 @@ def evaluate_run(spec: ExperimentSpec, data: Prepared, run_dir: str | Path, trac
     task = make_task(spec.task, data.meta)
     device = next(model.parameters()).device
     x, y = data.tensors["test_x"].to(device), data.tensors["test_y"].to(device)
-    result = {"name": spec.name, "status": state["status"], "main_metric": task.metric,
-              "test": task.test_metrics(model, x, y, data.meta)}
+    result = {"name": spec.name, "status": state["status"], "main_metric": task.metric, "seed": spec.train.seed,
+              "spec_hash": spec.spec_hash(), "test": task.test_metrics(model, x, y, data.meta)}
+    records = example_records(spec.task, model, x, y, data.meta)
+    if records:  # records first: an eval.json never points at a missing or older records file
+        write_records(run_dir / RECORDS, records)
+        result["records"] = RECORDS
     atomic_write_json(run_dir / "eval.json", result)
     run_id = state.get("run_id")
     if tracking_uri and run_id:

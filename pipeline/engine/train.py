@@ -26,7 +26,7 @@ from torch import nn
 from models import build_model
 from models.contract import Phase
 from models.layers.init import connection_weights
-from pipeline.data.prepare import Prepared
+from pipeline.data.prepare import Prepared, redraw_split
 from pipeline.engine import distributed
 from pipeline.engine.diagnostics import make_monitor
 from pipeline.engine.tasks import make_task
@@ -181,6 +181,8 @@ class Trainer:
     def __init__(self, spec: ExperimentSpec, data: Prepared, run_dir: str | Path,
                  open_tracker: Callable[[str | None], "Tracker"] | None = None,
                  callbacks: list[EpochCallback] | None = None, progress: bool = True):
+        if spec.data.split_seed is not None:
+            data = redraw_split(data, spec.data.split_seed)
         self.spec, self.data, self.run_dir = spec, data, Path(run_dir)
         self.open_tracker = open_tracker  # called with the resumed run id (or None) once training starts
         self.tracker: Tracker | None = None
@@ -466,7 +468,8 @@ def mlflow_experiment_name(spec: ExperimentSpec) -> str:
 def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared, run_dir: str | Path,
                      tracking_uri: str | None, callbacks: list[EpochCallback] | None = None,
                      progress: bool = True, parent_run_id: str | None = None,
-                     extra_tags: dict[str, str] | None = None, experiment: str | None = None) -> dict:
+                     extra_tags: dict[str, str] | None = None, experiment: str | None = None,
+                     run_name: str | None = None) -> dict:
     """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given.
 
     `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
@@ -477,8 +480,8 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     run_dir = Path(run_dir)
 
     def open_tracker(run_id: str | None) -> Tracker:
-        tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id, run_name=spec.name,
-                          parent_run_id=parent_run_id)
+        tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id,
+                          run_name=run_name or spec.name, parent_run_id=parent_run_id)
         fresh = tracker.run_id != run_id
         tracker.log_params(spec_params(spec.model_dump(mode="json")))
         tracker.set_tags({"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,

@@ -1,7 +1,9 @@
 """`archlab compare`: the runs' JSON files → reports/ (leaderboard, markdown and HTML reports, figures).
 
 reports/
-  leaderboard.csv      one row per experiment: metrics, gaps, verdict, flags, cost
+  leaderboard.csv      one row per experiment: metrics (mean over seeds, interval, n), gaps, verdict, flags, cost
+  comparisons.csv      each comparison of a group: advantage, interval, P(A>B), p, Holm p, verdict
+  evidence.json        numbers only, for `dvc metrics`: n, mean, std, interval per experiment
   comparison.md        grouped by dataset and task; figures linked relatively
   comparison.html      the same, one self-contained file (figures inlined)
   figures/*.png        learning curves, gaps, gradient heatmaps, Pareto plots, confusion, samples
@@ -19,9 +21,11 @@ from pipeline.engine.verdicts import FLAG_NAMES
 from pipeline.io import atomic_write_text, replace_dir
 from pipeline.reports.records import (RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run,
                                       loss_quantities)
-from pipeline.specs.metrics import metric_mode
+from pipeline.specs.errors import UserError
 
 LEADERBOARD = "leaderboard.csv"
+COMPARISONS = "comparisons.csv"
+EVIDENCE = "evidence.json"
 COMPARISON_MD = "comparison.md"
 COMPARISON_HTML = "comparison.html"
 FIGURES = "figures"
@@ -49,6 +53,12 @@ VERDICT_MEANING = ("verdict: underfit (training loss still high or falling), goo
                    "loss rose for several epochs while training loss fell); the gap is validation minus training. "
                    "'—' means not recorded (run missing or failed, or diagnostics off).")
 
+EVIDENCE_MEANING = ("each experiment against its group's best, and the pairs declared under `comparisons:` in "
+                    "params.yaml. better / worse: the 95% interval of A's advantage excludes 0 and the paired "
+                    "permutation test's Holm-corrected p is below 0.05; equivalent: the whole interval lies within the "
+                    "metric's margin (`equivalence:` in params.yaml); inconclusive: anything else, and always with "
+                    "fewer than 2 shared seeds. The rule is pipeline/reports/statistics.py `verdict`.")
+
 
 # ── formatting ───────────────────────────────────────────────────────────────
 DASH = "—"
@@ -66,6 +76,14 @@ def fmt_metric(value) -> str:
 def fmt_signed(value) -> str:
     v = finite(value)
     return DASH if v is None else ("+" if v >= 0 else "−") + fmt_metric(abs(v))
+
+
+def fmt_interval(r: RunRecord) -> str:
+    """'0.9712 [0.9650, 0.9770]': the mean over seeds and its 95% interval (the value alone without one)."""
+    summary = r.summary
+    if summary is None or summary.levels == "seeds" and summary.n < 2:  # one seed and nothing to resample
+        return fmt_metric(r.test_value)
+    return f"{fmt_metric(summary.mean)} [{fmt_metric(summary.low)}, {fmt_metric(summary.high)}]"
 
 
 def fmt_si(value, unit: str = "") -> str:
@@ -128,7 +146,8 @@ def leaderboard_table(records: list[RunRecord], metric: str, section: str, curve
     """
     from pipeline.reports.document import Link, Table
     curves, gap = curves or section, gap or section
-    columns = ["#", "experiment", "model", "status", f"test {metric}", f"val {metric} (best)", "best epoch",
+    columns = ["#", "experiment", "model", "status", f"test {metric}: mean [95% interval]", "n", f"val {metric} (best)",
+               "best epoch",
                "loss gap best → last", f"{metric} gap best → last", "verdict", "flags", "params",
                "FLOPs/sample (fwd)", "train time", "train samples/s", "latency p50", "peak memory", "MFU"]
     rows = []
@@ -141,7 +160,8 @@ def leaderboard_table(records: list[RunRecord], metric: str, section: str, curve
         verdict = Link(r.verdict, gap, why) if r.verdict else DASH
         status = Link(r.status, curves, "the loss became NaN or Inf") if r.status == "diverged" else r.status
         rows.append([
-            str(position), r.name, r.kind or DASH, status, fmt_metric(r.test_value), fmt_metric(r.val_value("best")),
+            str(position), r.name, r.kind or DASH, status, fmt_interval(r), str(len(r.seed_values) or DASH),
+            fmt_metric(r.val_value("best")),
             str(r.metrics.get("best_epoch") or DASH),
             f"{fmt_signed(r.gap('loss', 'best'))} → {fmt_signed(r.gap('loss', 'final'))}",
             f"{fmt_signed(r.gap('metric', 'best'))} → {fmt_signed(r.gap('metric', 'final'))}",
@@ -151,7 +171,7 @@ def leaderboard_table(records: list[RunRecord], metric: str, section: str, curve
             fmt_ms(r.cost.get("latency_ms_p50")), fmt_memory(r.cost.get("peak_memory_mb"), r.cost.get("memory_kind")),
             fmt_percent(r.cost.get("mfu")),
         ])
-    full = Table(columns, rows, numeric={0, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17})
+    full = Table(columns, rows, numeric={0, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18})
     more = ["best epoch", "loss gap best → last", "train samples/s", "latency p50", "peak memory", "MFU"]
     return (select_columns(full, [c for c in columns if c not in more]),
             select_columns(full, ["#", "experiment", *more], folded=True))
@@ -177,6 +197,16 @@ def test_metrics_table(records: list[RunRecord], metric: str):
     return Table(["experiment", *names], rows, numeric=set(range(1, len(names) + 1)))
 
 
+def verdict_table(comparisons: list):
+    """One group's comparisons: A against B, the advantage of A with its interval, P(A>B), p, the verdict."""
+    from pipeline.reports.document import Table
+    rows = [[c.a, c.b, c.verdict, f"{fmt_signed(c.advantage)} [{fmt_signed(c.low)}, {fmt_signed(c.high)}]",
+             fmt_metric(c.p_a_beats_b), f"{c.p_value:.3g}", f"{c.p_holm:.3g}", str(c.n),
+             "declared" if c.declared else "vs best", c.reason] for c in comparisons]
+    return Table(["A", "B", "verdict", "advantage of A (95% interval)", "P(A>B)", "p", "p (Holm)", "shared seeds",
+                  "why compared", "rule"], rows, numeric={3, 4, 5, 6, 7})
+
+
 def text_blocks(record: RunRecord):
     """Sampled text (lm) or decoded examples (seq2seq) of one run."""
     from pipeline.reports.document import TextBlock
@@ -200,17 +230,19 @@ def text_blocks(record: RunRecord):
     return blocks
 
 
-def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
+def build_section(writer, dataset: str, task: str, records: list[RunRecord], comparisons: list):
     from pipeline.reports import figures as rf
     from pipeline.reports.document import Section
     metric = next((r.main_metric for r in records if r.main_metric), None)
-    mode = metric_mode(metric)
+    mode = records[0].mode
     colors = rf.colors_for(records)
     anchor = f"sec-{rf.slug(dataset, task)}"
     grad_figures = {r.name: ref for r in records if (ref := rf.grad_health(writer, r)) is not None}
     curves = rf.learning_curves(writer, dataset, task, records, colors)
     gap = rf.gap_chart(writer, dataset, task, records)
-    items = [ref for ref in (curves, gap, rf.pareto(writer, dataset, task, records, colors, mode)) if ref is not None]
+    forest = rf.forest(writer, dataset, task, comparisons)
+    items = [ref for ref in (forest, curves, gap, rf.pareto(writer, dataset, task, records, colors, mode))
+             if ref is not None]
     classifiers = [r for r in records if r.test.get("confusion_matrix")]
     if classifiers and (ref := rf.confusion(writer, classifiers[0])) is not None:  # ranked: the first is best
         items.append(ref)
@@ -222,9 +254,11 @@ def build_section(writer, dataset: str, task: str, records: list[RunRecord]):
                                     gap and gap.anchor, {k: v.anchor for k, v in grad_figures.items()})
     tables = [(f"Leaderboard (best test {metric} first)" if metric else "Leaderboard", board),
               ("More columns: best epoch, loss gap, speed and memory", more)]
+    if comparisons:
+        tables.append(("Who beats whom (paired over seeds and test examples)", verdict_table(comparisons)))
     others = test_metrics_table(records, metric)
     if others is not None and len(others.columns) > 2:
-        tables.append(("All test metrics", others))
+        tables.append(("All test metrics (of each experiment's first seed)", others))
     notes = []
     missing = [r.name for r in records if r.status == "missing"]
     if missing:
@@ -244,13 +278,16 @@ def summary_lines(groups) -> list[str]:
     return lines
 
 
-def build_report(records: list[RunRecord], figures_dir: Path):
-    from pipeline.reports.document import Report
+def build_report(records: list[RunRecord], figures_dir: Path, comparisons: dict | None = None):
     from pipeline.reports.figures import FigureWriter
+    from pipeline.reports.document import Report
     writer = FigureWriter(figures_dir)
     groups = group_by_dataset_task(records)
-    sections = [build_section(writer, dataset, task, members) for (dataset, task), members in groups]
-    legend = [(name, meaning) for name, meaning in FLAG_MEANINGS.items()] + [("verdict and gap", VERDICT_MEANING)]
+    comparisons = comparisons or {}
+    sections = [build_section(writer, dataset, task, members, comparisons.get((dataset, task), []))
+                for (dataset, task), members in groups]
+    legend = [(name, meaning) for name, meaning in FLAG_MEANINGS.items()] + [("verdict and gap", VERDICT_MEANING),
+                                                                             ("who beats whom", EVIDENCE_MEANING)]
     return Report("archlab comparison", summary_lines(groups), sections, legend)
 
 
@@ -377,7 +414,7 @@ def log_report(tracking_uri: str, out_dir: Path, names: list[str], frame: pd.Dat
     from pipeline.engine.tracking import Tracker
     tracker = Tracker(tracking_uri, MLFLOW_EXPERIMENT, run_name="compare",
                       tags={"experiments": ",".join(names)[:5000], "n_experiments": str(len(names))})
-    for name in (LEADERBOARD, COMPARISON_MD, COMPARISON_HTML):
+    for name in (LEADERBOARD, COMPARISONS, EVIDENCE, COMPARISON_MD, COMPARISON_HTML):
         tracker.log_artifact(out_dir / name)
     for folder in (FIGURES, PLOTS):
         if any((out_dir / folder).iterdir()):
@@ -408,22 +445,117 @@ def leaderboard(names: list[str], runs_dir: Path) -> pd.DataFrame:
     return leaderboard_frame([load_run(name, Path(runs_dir)) for name in names])
 
 
-def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str | None = None) -> pd.DataFrame:
-    """Write every report for the named experiments from runs_dir into out_dir; log it to MLflow if asked."""
+# ── evidence ─────────────────────────────────────────────────────────────────
+def attach_statistics(records: list[RunRecord], declared: list[tuple[str, str]], margins: dict[str, float],
+                      seed: int = 0) -> dict[tuple[str, str], list]:
+    """Each record's summary over its seeds; each group's comparisons, judged → {(dataset, task): [Comparison]}."""
+    import numpy as np
+
+    from pipeline.engine.tasks import TASKS
+    from pipeline.reports import statistics as st
+    rng = np.random.default_rng(seed)  # fixed: the same runs give the same report
+    group_of = {r.name: (r.dataset, r.task) for r in records}
+    evidence: dict[tuple[str, str], dict] = {}
+    for r in records:
+        found = st.load_evidence(r.name, r.task, r.seed_dirs) if r.task in TASKS else None
+        if found is not None:
+            r.summary = st.summarize(found, rng)
+            evidence.setdefault(group_of[r.name], {})[r.name] = found
+    out = {}
+    for key, members in evidence.items():
+        pairs = [(a, b) for a, b in declared if a in members and b in members]
+        metric = next(iter(members.values())).metric
+        summaries = {name: next(r.summary for r in records if r.name == name) for name in members}
+        out[key] = st.group_comparisons(members, summaries, pairs, margins.get(metric), rng)
+    return out
+
+
+def check_declared(declared: list[tuple[str, str]], records: list[RunRecord], source: str) -> None:
+    """A declared pair must share a dataset and task: their metric is the same only then."""
+    group_of = {r.name: (r.dataset, r.task) for r in records if r.status != "missing"}
+    for i, (a, b) in enumerate(declared):
+        if a in group_of and b in group_of and group_of[a] != group_of[b]:
+            raise UserError(source, f"{a} ({'/'.join(group_of[a])}) and {b} ({'/'.join(group_of[b])}) differ in "
+                            "dataset or task, so they share no metric", field=f"comparisons[{i}]")
+
+
+def evidence_metrics(records: list[RunRecord]) -> dict:
+    """Numbers only, for `dvc metrics`: per experiment, n, mean, std and the 95% interval of its main metric."""
+    out = {}
+    for r in records:
+        s = r.summary
+        if s is not None:
+            out[r.name] = {"n": s.n, "mean": s.mean, "std": s.std, "low": s.low, "high": s.high}
+    return out
+
+
+def comparisons_frame(comparisons: dict) -> pd.DataFrame:
+    rows = [{"dataset": dataset, "task": task, **c.__dict__} for (dataset, task), cs in comparisons.items() for c in cs]
+    return pd.DataFrame(rows, columns=["dataset", "task", "a", "b", "metric", "n", "advantage", "low", "high",
+                                       "p_a_beats_b", "p_value", "p_holm", "margin", "verdict", "reason", "declared"])
+
+
+def _summary_run_id(tracking_uri: str, experiment: str, name: str) -> str | None:
+    """The experiment's summary run from an earlier compare, updated rather than repeated."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], max_results=1, filter_string=(
+        f"tags.`archlab.experiment` = '{name}' and tags.`archlab.summary` = 'true'"))
+    return runs[0].info.run_id if runs else None
+
+
+def log_summaries(tracking_uri: str, records: list[RunRecord]) -> None:
+    """One summary run per experiment beside its seeds' runs (same MLflow experiment and archlab.experiment tag):
+    mean, std and interval of the main metric over the seeds."""
+    from pipeline.engine.tracking import Tracker
+    for r in records:
+        s = r.summary
+        if s is None:
+            continue
+        experiment = f"{r.dataset}/{r.task}"
+        tracker = Tracker(tracking_uri, experiment, run_id=_summary_run_id(tracking_uri, experiment, r.name),
+                          run_name=f"{r.name} (summary)")
+        tracker.set_tags({"archlab.experiment": r.name, "archlab.summary": "true", "kind": r.kind or "",
+                          "seeds": ",".join(map(str, sorted(r.seed_values)))})
+        values = {"n_seeds": s.n, f"test/{s.metric}/mean": s.mean, f"test/{s.metric}/ci_low": s.low,
+                  f"test/{s.metric}/ci_high": s.high}
+        if s.std is not None:
+            values[f"test/{s.metric}/std"] = s.std
+        tracker.log_metrics(values, step=0)
+        tracker.end("FINISHED")
+
+
+# ── the stage ────────────────────────────────────────────────────────────────
+def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str | None = None,
+            seeds: dict[str, list[int]] | None = None, declared: list[tuple[str, str]] = (),
+            margins: dict[str, float] | None = None, source: str = "params.yaml") -> pd.DataFrame:
+    """Write every report for the named experiments from runs_dir into out_dir; log it to MLflow if asked.
+
+    `seeds` names the seeds of each experiment (default: every runs/NAME/seed-K there is); `declared` the
+    pairs always compared; `margins` the practical-equivalence margin per metric."""
     from pipeline.reports.document import render_html, render_markdown
     out_dir = Path(out_dir)
-    records = [load_run(name, Path(runs_dir)) for name in names]
+    seeds = seeds or {}
+    records = [load_run(name, Path(runs_dir), seeds.get(name)) for name in names]
+    check_declared(list(declared), records, source)
+    comparisons = attach_statistics(records, list(declared), margins or {})
     frame = leaderboard_frame(records)
     holder = {}
     # Figures are drawn into a fresh folder swapped in whole: no stale figure of a dropped experiment stays.
-    replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder)))
+    replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder, comparisons)))
     report = holder["report"]
     write_plot_data(records, out_dir)
     write_scores(records, out_dir)
     atomic_write_text(out_dir / LEADERBOARD, frame.to_csv(index=False))
+    atomic_write_text(out_dir / COMPARISONS, comparisons_frame(comparisons).to_csv(index=False))
+    atomic_write_text(out_dir / EVIDENCE, json.dumps(evidence_metrics(records), indent=2) + "\n")
     atomic_write_text(out_dir / COMPARISON_MD, render_markdown(report))
     atomic_write_text(out_dir / COMPARISON_HTML, render_html(report, out_dir))
     if tracking_uri:
         log_report(tracking_uri, out_dir, names, frame, records)
         register_champions(tracking_uri, records)
+        log_summaries(tracking_uri, records)
     return frame

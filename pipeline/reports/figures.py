@@ -114,6 +114,43 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def seed_band(record: RunRecord, key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(epochs, mean, lowest, highest) of a history column over the seeds (epochs some seed reached)."""
+    by_epoch: dict[float, list[float]] = {}
+    for history in (record.seed_histories or {0: record.history}).values():
+        for x, y in zip(*_series(history, key)):
+            by_epoch.setdefault(x, []).append(y)
+    xs = sorted(by_epoch)
+    return (xs, [sum(by_epoch[x]) / len(by_epoch[x]) for x in xs], [min(by_epoch[x]) for x in xs],
+            [max(by_epoch[x]) for x in xs])
+
+
+def forest(writer: FigureWriter, dataset: str, task: str, comparisons: list) -> FigureRef | None:
+    """Each comparison's advantage of A over B (mean over shared seeds) with its 95% interval, coloured by verdict."""
+    shown = [c for c in comparisons if math.isfinite(c.low) and math.isfinite(c.high)]
+    if not shown:
+        return None
+    palette = {"better": "#1a7f37", "worse": "#cf222e", "equivalent": "#0969da", "inconclusive": "#6e7781"}
+    fig, (ax,) = new_figure(7.5, 0.9 + 0.32 * len(shown), left=2.6, right=1.3, bottom=0.5)
+    for i, c in enumerate(shown):
+        y = len(shown) - 1 - i
+        ax.plot([c.low, c.high], [y, y], color=palette[c.verdict], lw=2)
+        ax.plot([c.advantage], [y], "o", color=palette[c.verdict], ms=4)
+        ax.text(1.01, y, f"{c.verdict} (n={c.n})", transform=ax.get_yaxis_transform(), va="center", fontsize=7,
+                color=palette[c.verdict])
+    ax.axvline(0, color="black", lw=0.8)
+    if shown[0].margin:
+        ax.axvspan(-shown[0].margin, shown[0].margin, color="#0969da", alpha=0.08, lw=0)
+    ax.set_yticks(range(len(shown)), [_short(f"{c.a} vs {c.b}", 40) for c in reversed(shown)], fontsize=7)
+    ax.set_xlabel(f"advantage of A over B in {shown[0].metric} (positive: A better)")
+    ax.grid(axis="x", alpha=0.25)
+    caption = (f"Paired differences on {dataset} ({task}): mean over shared seeds (dot) and 95% interval from the "
+               "two-level bootstrap (seeds, then test examples), coloured by verdict; the shaded band is the metric's "
+               "practical-equivalence margin.")
+    return writer.save(fig, f"forest_{slug(dataset, task)}", f"forest-{slug(dataset, task)}",
+                       f"Who beats whom — {dataset} ({task})", caption)
+
+
 def log_axis(axis, low: float, high: float) -> None:
     """Plain-number labels on a log axis (an axis already on a log scale).
 
@@ -170,11 +207,13 @@ def learning_curves(writer: FigureWriter, dataset: str, task: str, records: list
             players |= quantities != [key]
             for quantity, marker in zip(quantities, ("", "o", "s", "^")):
                 for split, style in (("train", "--"), ("val", "-")):
-                    xs, ys = _series(r.history, f"{split}/{quantity}")
+                    xs, ys, low, high = seed_band(r, f"{split}/{quantity}")
                     if ys:
                         ax.plot(xs, ys, style, marker=marker, markersize=2.5, color=colors[r.name],
                                 lw=1.2 if split == "val" else 0.9)
-                        values += ys
+                        if split == "val" and low != high:
+                            ax.fill_between(xs, low, high, color=colors[r.name], alpha=0.18, lw=0)
+                        values += low + high
         _maybe_log(ax, values)
         ax.set_xlabel("epoch")
         ax.set_title(label)
@@ -182,7 +221,8 @@ def learning_curves(writer: FigureWriter, dataset: str, task: str, records: list
     _legend_below(fig, [r.name for r in drawn], colors)
     caption = (f"Learning curves on {dataset} ({task}): "
                + ("loss (left) and " + metric + " (right)" if metric else "loss")
-               + " per epoch, training dashed, validation solid."
+               + " per epoch, training dashed, validation solid; with several seeds, the lines are the mean over "
+               "seeds and the band spans the lowest to the highest seed (validation)."
                + (" A GAN has no single loss: its players' losses are drawn, the discriminator's d_loss plain, "
                   "the generator's g_loss with dots." if players else ""))
     return writer.save(fig, f"curves_{slug(dataset, task)}", anchor_curves(dataset, task),

@@ -61,6 +61,13 @@ def loss_quantities(history: list[dict]) -> list[str]:
     return [k for k in keys if k.endswith("_loss")]
 
 
+def task_mode(task: str | None, metric: str | None = None) -> Mode:
+    """Which way a task's main metric runs: the task's own `mode` (pipeline/engine/tasks.py); by the metric's
+    name only for a run whose task is unknown."""
+    from pipeline.engine.tasks import TASKS
+    return TASKS[task]().mode if task in TASKS else metric_mode(metric)
+
+
 @dataclass
 class RunRecord:
     """Everything the reports know of one experiment."""
@@ -74,6 +81,11 @@ class RunRecord:
     history: list[dict[str, float]] = field(default_factory=list)
     sample_images: list[Path] = field(default_factory=list)
     sample_text: str | None = None
+    # Repeats: each seed's folder and test value; the files above are those of the first seed.
+    seed_dirs: dict[int, Path] = field(default_factory=dict)
+    seed_values: dict[int, float] = field(default_factory=dict)
+    seed_histories: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    summary: object = None  # statistics.Summary, set by compare
 
     # identity ------------------------------------------------------------------
     @property
@@ -98,7 +110,7 @@ class RunRecord:
 
     @property
     def mode(self) -> Mode:
-        return metric_mode(self.main_metric)
+        return task_mode(self.task, self.main_metric)
 
     # results -------------------------------------------------------------------
     @property
@@ -108,6 +120,9 @@ class RunRecord:
 
     @property
     def test_value(self) -> float | None:
+        """The main test metric: its mean over the seeds."""
+        if self.seed_values:
+            return sum(self.seed_values.values()) / len(self.seed_values)
         return finite(self.test.get(self.main_metric)) if self.main_metric else None
 
     def val_value(self, when: str = "best") -> float | None:
@@ -202,10 +217,31 @@ def last_sample_text(run_dir: Path) -> str | None:
     return f"epoch {header}:\n{body.strip()}"
 
 
-def load_run(name: str, runs_dir: Path) -> RunRecord:
-    run_dir = Path(runs_dir) / name
+def find_seed_dirs(run_dir: Path, seeds: list[int] | None = None) -> dict[int, Path]:
+    """runs/NAME/seed-K folders holding a run: the listed seeds, or every one there is; a run folder from
+    before repeats (metrics.json at its top) counts as its training seed."""
+    if seeds is None:
+        found = {int(p.name[5:]): p for p in run_dir.glob("seed-*") if p.name[5:].isdigit()}
+    else:
+        found = {s: run_dir / f"seed-{s}" for s in seeds}
+    found = {s: p for s, p in sorted(found.items()) if (p / "metrics.json").is_file()}
+    if not found and (run_dir / "metrics.json").is_file():
+        found = {int(read_json(run_dir / "metrics.json").get("seed") or 0): run_dir}
+    return found
+
+
+def load_run(name: str, runs_dir: Path, seeds: list[int] | None = None) -> RunRecord:
+    seed_dirs = find_seed_dirs(Path(runs_dir) / name, seeds)
+    run_dir = next(iter(seed_dirs.values()), Path(runs_dir) / name)
+    values = {}
+    for seed, folder in seed_dirs.items():
+        evaluation = read_json(folder / "eval.json")
+        value = finite((evaluation.get("test") or {}).get(evaluation.get("main_metric")))
+        if value is not None:
+            values[seed] = value
     return RunRecord(
-        name=name, run_dir=run_dir,
+        name=name, run_dir=run_dir, seed_dirs=seed_dirs, seed_values=values,
+        seed_histories={seed: read_history(folder / "history.csv") for seed, folder in seed_dirs.items()},
         metrics=read_json(run_dir / "metrics.json"),
         evaluation=read_json(run_dir / "eval.json"),
         diagnostics=read_json(run_dir / "diagnostics.json"),
@@ -275,7 +311,9 @@ def leaderboard_row(r: RunRecord) -> dict:
     row = {
         "experiment": r.name, "dataset": r.metrics.get("dataset"), "task": r.metrics.get("task"), "kind": r.kind,
         "status": r.status, "metric": r.main_metric,
-        "test_metric": r.test_value, "val_metric": r.val_value("best"), "val_metric_final": r.val_value("final"),
+        "test_metric": r.test_value, "n_seeds": len(r.seed_values) or None,
+        "test_std": getattr(r.summary, "std", None), "test_ci_low": getattr(r.summary, "low", None),
+        "test_ci_high": getattr(r.summary, "high", None), "val_metric": r.val_value("best"), "val_metric_final": r.val_value("final"),
         "best_epoch": r.metrics.get("best_epoch"), "epochs": r.metrics.get("epochs"),
         "onset_epoch": r.overfitting.get("onset_epoch"),
         "gap_loss_best": r.gap("loss", "best"), "gap_metric_best": r.gap("metric", "best"),

@@ -17,6 +17,9 @@ class UserError(Exception):
         self.message = message
         super().__init__(str(self))
 
+    def __reduce__(self):  # raised in a worker process, it crosses back whole
+        return UserError, (self.source, self.message, self.field)
+
     def __str__(self) -> str:
         parts = [p for p in (self.source, self.field) if p]
         return ": ".join([*parts, self.message])

@@ -25,6 +25,9 @@ class DataRef(StrictModel):
                                       "`datasets:` in params.yaml.")
     train_subset: PositiveInt | None = Field(default=None, description="Use only the first N training samples "
                                              "(for overfitting studies); the validation and test sets stay whole.")
+    split_seed: int | None = Field(default=None, ge=0, description="Re-draw the train/validation split with this "
+                                   "seed (train and validation pooled, same sizes); the test split never changes. "
+                                   "Set per seed by `vary: split` in params.yaml.")
 
 
 class OptimizerSpec(StrictModel):

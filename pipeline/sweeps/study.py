@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.engine.repeats import available_cores
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec
 from pipeline.specs.sweep import COST_KEYS, Sweep, load_sweep
@@ -609,13 +610,6 @@ def _spawn_workers(jobs: list[SweepJob]) -> list[int]:
             p.join(timeout=30)
         raise
     return [p.exitcode for p in procs]
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_dir: str | Path,

@@ -20,7 +20,7 @@ from tests.conftest import REPO, tiny_project
 SPEC = {"name": "dp_mlp", "data": {"dataset": "tiny"}, "task": "classify", "model": {"kind": "mlp", "hidden": [16]},
         "train": {"epochs": 40, "batch_size": 32, "seed": 3, "checkpoint_every_s": 0,
                   "optimizer": {"name": "adamw", "lr": 0.01}}}
-ARGS = ["train", "specs/dp_mlp.yaml", "--no-track"]
+ARGS = ["train", "specs/dp_mlp.yaml", "--seed", "3", "--no-track"]  # data-parallel: one seed at a time
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
@@ -49,12 +49,12 @@ def test_two_ranks_train_like_one_process_and_resume_after_a_kill(tmp_path, monk
     assert main([*ARGS, "--out", "runs/one"]) == 0  # this process: 1 thread (tests/conftest.py)
     assert main([*ARGS, "--out", "runs/two", "--nproc", "2"]) == 0
 
-    one, two = losses(project / "runs/one"), losses(project / "runs/two")
+    one, two = losses(project / "runs/one/seed-3"), losses(project / "runs/two/seed-3")
     assert len(one) == len(two) == 40
     assert (one - two).abs().max().max() <= 1e-5
-    w1, w2 = weights(project / "runs/one"), weights(project / "runs/two")
+    w1, w2 = weights(project / "runs/one/seed-3"), weights(project / "runs/two/seed-3")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4, rtol=0) for k in w1)
-    cost = pd.read_json(project / "runs/two/cost.json", typ="series")
+    cost = pd.read_json(project / "runs/two/seed-3/cost.json", typ="series")
     assert cost["world_size"] == 2 and cost["train_samples_per_s_per_rank"] * 2 == pytest.approx(
         cost["train_samples_per_s"], rel=1e-3)
     assert len(cost["train_time_s_per_rank"]) == 2 and cost["train_time_s_per_rank"][0] == pytest.approx(
@@ -62,12 +62,12 @@ def test_two_ranks_train_like_one_process_and_resume_after_a_kill(tmp_path, monk
 
     killed = project / "runs/killed"
     kill_mid_run([sys.executable, "-m", "pipeline.cli", *ARGS, "--out", str(killed), "--nproc", "2"],
-                 killed / "checkpoint.pt")
-    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["epoch"]
+                 killed / "seed-3" / "checkpoint.pt")
+    stopped_at = torch.load(killed / "seed-3" / "checkpoint.pt", weights_only=True)["state"]["epoch"]
     assert 1 <= stopped_at < 40, "the run was not stopped mid-way"
     assert main([*ARGS, "--out", str(killed), "--nproc", "2"]) == 0
-    assert losses(killed).equals(two)
-    resumed = weights(killed)
+    assert losses(killed / "seed-3").equals(two)
+    resumed = weights(killed / "seed-3")
     assert all(torch.equal(resumed[k], w2[k]) for k in w2)
 
 
@@ -91,3 +91,10 @@ def test_nproc_inside_a_torchrun_rank_is_refused(monkeypatch, project, capsys):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     assert main(["train", "specs/digits_mlp.yaml", "--nproc", "2", "--no-track"]) == 2
     assert "already a torchrun rank" in capsys.readouterr().err
+
+
+def test_data_parallel_training_of_several_seeds_at_once_is_refused(monkeypatch, project, capsys):
+    assert main(["train", "specs/digits_mlp.yaml", "--nproc", "2", "--no-track"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("archlab: error: data-parallel training trains one seed at a time") and "--seed K" in err
+    assert not (project / "runs").exists()  # refused before anything is written

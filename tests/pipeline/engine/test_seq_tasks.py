@@ -300,9 +300,9 @@ def test_seq2seq_transformer_learns_tiny_reversal_end_to_end(project, capsys):
     (project / "rev.yaml").write_text(SEQ_SPEC)
     assert main(["train", "rev.yaml", "--no-track"]) == 0
     assert main(["evaluate", "rev.yaml", "--no-track"]) == 0
-    history = (project / "runs/rev/history.csv").read_text().splitlines()
+    history = (project / "runs/rev/seed-0/history.csv").read_text().splitlines()
     assert "val/exact_accuracy" in history[0] and "val/token_accuracy" in history[0]
-    result = json.loads((project / "runs/rev/eval.json").read_text())
+    result = json.loads((project / "runs/rev/seed-0/eval.json").read_text())
     assert result["main_metric"] == "exact_accuracy"
     assert result["test"]["exact_accuracy"] > 0.8, result["test"]  # short strings, 8 small epochs
     assert result["test"]["examples"][0]["source"] and "predicted" in result["test"]["examples"][0]
@@ -314,11 +314,11 @@ def test_decoder_only_lm_end_to_end_writes_samples(project, capsys):
     (project / "lm.yaml").write_text(LM_SPEC)
     assert main(["train", "lm.yaml", "--no-track"]) == 0
     assert main(["evaluate", "lm.yaml", "--no-track"]) == 0
-    metrics = json.loads((project / "runs/lm/metrics.json").read_text())
+    metrics = json.loads((project / "runs/lm/seed-0/metrics.json").read_text())
     history = metrics["final"]
     assert history["val/bits_per_char"] < math.log2(load_prepared(project / "data/prepared/tinytext")
                                                     .meta["vocab_size"])  # better than uniform
-    samples = (project / "runs/lm/samples.txt").read_text()
+    samples = (project / "runs/lm/seed-0/samples.txt").read_text()
     assert samples.count("=== epoch ") == 3
-    test = json.loads((project / "runs/lm/eval.json").read_text())["test"]
+    test = json.loads((project / "runs/lm/seed-0/eval.json").read_text())["test"]
     assert test["entropy_bits_per_char"] < test["bits_per_char"] and "|" in test["sample"]

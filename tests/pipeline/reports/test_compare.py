@@ -200,7 +200,7 @@ def test_markdown_leaderboards_show_the_runs_numbers(real):
             assert row["flags"] in ("none", "gradients not recorded")
     # Ranked best first within a dataset: the classifiers' test accuracies do not increase down the table.
     classify = [r for r in md_tables(md)[0]]
-    scores = [float(r["test accuracy"]) for r in classify]
+    scores = [float(r["test accuracy: mean [95% interval]"]) for r in classify]
     assert scores == sorted(scores, reverse=True)
     assert rows["never_trained"]["status"] == "missing" and rows["never_trained"]["params"] == "—"
 
@@ -341,8 +341,8 @@ def test_missing_and_broken_run_files_show_as_dashes(tmp_path):
     assert frame["test_metric"].tolist()[:2] == [0.9, 0.5] and pd.isna(frame["dataset"][1])
     rows = leaderboard_rows((tmp_path / "reports" / "comparison.md").read_text())
     assert rows["broken"]["loss gap best → last"] == "— → —" and rows["broken"]["best epoch"] == "—"
-    assert rows["good"]["params"] == "2k" and rows["good"]["test accuracy"] == "0.9000"
-    assert rows["absent"]["test accuracy"] == "—" and rows["absent"]["flags"] == "—"  # grouped with "broken"
+    assert rows["good"]["params"] == "2k" and rows["good"]["test accuracy: mean [95% interval]"] == "0.9000"
+    assert rows["absent"]["test accuracy: mean [95% interval]"] == "—" and rows["absent"]["flags"] == "—"  # grouped with "broken"
     assert "[vanishing](#sec-unknown-unknown" in rows["broken"]["flags"]
     assert_links_resolve((tmp_path / "reports" / "comparison.md").read_text())
     assert (tmp_path / "reports" / "comparison.html").is_file()

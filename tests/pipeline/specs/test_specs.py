@@ -53,8 +53,9 @@ def test_every_field_has_a_description():
 def test_every_experiment_in_params_has_a_spec_on_its_dataset():
     from pipeline.specs.config import load_config
     config = load_config(REPO / "params.yaml")
-    for name, dataset in config.experiments.items():
+    for name, entry in config.experiments.items():
         spec = load_spec(REPO / "specs" / f"{name}.yaml")
+        dataset = entry.dataset
         assert spec.data.dataset == dataset, f"params.yaml says {name} trains on {dataset}, its spec says otherwise"
 
 
@@ -153,7 +154,7 @@ def test_bad_command_line_exits_2(project, capsys):
 def test_evaluating_a_run_never_trained_exits_2_and_writes_nothing(project, capsys):
     before = files_under(project)
     assert main(["evaluate", "specs/digits_mlp.yaml"]) == 2
-    assert "runs/digits_mlp: no checkpoint.pt; run `archlab train` first" in capsys.readouterr().err
+    assert "runs/digits_mlp/seed-0: no checkpoint.pt; run `archlab train` first" in capsys.readouterr().err
     assert files_under(project) == before  # not even the dataset is prepared for it
 
 

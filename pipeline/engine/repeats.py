@@ -1,0 +1,133 @@
+"""Repeats: an experiment trained over several seeds, each a run of its own in runs/NAME/seed-K/.
+
+Seeds are independent, so they train side by side in worker processes, each with its share of the cores
+(torch threads = cores // workers: two workers of two threads each on two cores ran up to 20x slower
+from OpenMP oversubscription). A seed whose run is finished and evaluated for this very spec is skipped,
+so adding a seed trains only the new one; a killed seed resumes from its checkpoint like any run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.specs.experiment import ExperimentSpec
+
+SEED_DIR = "seed-{}"
+FINISHED = ("finished", "early_stopped", "diverged")
+
+
+def seed_dir(run_dir: str | Path, seed: int) -> Path:
+    return Path(run_dir) / SEED_DIR.format(seed)
+
+
+def seed_spec(spec: ExperimentSpec, seed: int, vary_split: bool) -> ExperimentSpec:
+    """The spec of one seed's run: its training seed, and with `vary: split` its own train/val split."""
+    data = spec.data.model_copy(update={"split_seed": seed if vary_split else spec.data.split_seed})
+    return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed}), "data": data})
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_done(spec: ExperimentSpec, run_dir: Path, evaluate: bool) -> bool:
+    """Trained to the end for exactly this spec (and evaluated for it, when asked)."""
+    metrics = _json(run_dir / "metrics.json")
+    if metrics.get("spec_hash") != spec.spec_hash() or metrics.get("status") not in FINISHED:
+        return False
+    return not evaluate or _json(run_dir / "eval.json").get("spec_hash") == spec.spec_hash()
+
+
+@dataclass(frozen=True)
+class SeedJob:
+    """One seed's run; picklable, for a spawned worker."""
+
+    spec_path: str
+    seed: int
+    vary_split: bool
+    data_dir: str
+    run_dir: str
+    tracking_uri: str | None
+    evaluate: bool
+    threads: int | None = None  # None: keep the process's own setting
+
+
+def run_seed(job: SeedJob) -> dict:
+    """Train (or resume) one seed, then evaluate it when asked; → the run's metrics.json."""
+    import torch
+
+    from pipeline.data.prepare import load_prepared
+    from pipeline.engine.evaluate import evaluate_run
+    from pipeline.engine.train import train_experiment
+    from pipeline.specs.experiment import load_spec
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    spec = seed_spec(load_spec(job.spec_path), job.seed, job.vary_split)
+    data = load_prepared(job.data_dir)
+    tags = {"archlab.experiment": spec.name, "archlab.seed": str(job.seed)}
+    metrics = train_experiment(spec, job.spec_path, data, job.run_dir, job.tracking_uri, progress=False,
+                               extra_tags=tags, run_name=f"{spec.name}/seed-{job.seed}")
+    if job.evaluate:
+        evaluate_run(spec, data, job.run_dir, job.tracking_uri)
+    return metrics
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_plan(pending: int, workers: int | None) -> tuple[int, int]:
+    """(processes, torch threads each): at most one process per pending seed and per core."""
+    cores = available_cores()
+    processes = max(1, min(pending, workers or cores, cores))
+    return processes, max(1, cores // processes)
+
+
+def open_tracking_store(uri: str, experiment: str) -> None:
+    """Create the MLflow store and experiment once, here: workers that each find them missing race to create
+    them (a fresh SQLite store's migration fails under two at once)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment)
+
+
+def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiment: str | None = None) -> list[SeedJob]:
+    """Run the jobs (skipped ones already removed) side by side; → the jobs that ran. One job, or one worker,
+    runs in this process with its threads untouched. `experiment`: the MLflow experiment the runs log to."""
+    processes, threads = worker_plan(len(jobs), workers)
+    if processes <= 1:
+        for job in jobs:
+            run_seed(job)
+        return jobs
+    if jobs[0].tracking_uri and experiment:
+        open_tracking_store(jobs[0].tracking_uri, experiment)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    ctx = multiprocessing.get_context("spawn")  # forking a process that holds torch threads is unsafe
+    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        futures = [pool.submit(run_seed, SeedJob(**{**job.__dict__, "threads": threads})) for job in jobs]
+        for future in futures:
+            future.result()  # the first failure is raised here, after the pool finishes its other seeds
+    return jobs
+
+
+def seed_jobs(spec: ExperimentSpec, spec_path: str | Path, seeds: list[int], vary_split: bool, data_dir: Path,
+              run_dir: Path, tracking_uri: str | None, evaluate: bool) -> tuple[list[SeedJob], list[int]]:
+    """(jobs still to run, seeds already done for this spec)."""
+    jobs, done = [], []
+    for seed in seeds:
+        folder = seed_dir(run_dir, seed)
+        if is_done(seed_spec(spec, seed, vary_split), folder, evaluate):
+            done.append(seed)
+        else:
+            jobs.append(SeedJob(str(spec_path), seed, vary_split, str(data_dir), str(folder), tracking_uri, evaluate))
+    return jobs, done

@@ -1,0 +1,124 @@
+"""Repeats: params.yaml's seeds, the seeds' specs, the re-drawn split, per-example records that add up to the
+reported metric, and the mistakes a user can make about them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.data.prepare import redraw_split
+from pipeline.engine.evaluate import evaluate_run
+from pipeline.engine.examples import metric_from_records, read_records
+from pipeline.engine.repeats import is_done, seed_dir, seed_spec, worker_plan
+from pipeline.engine.train import train_experiment
+from pipeline.specs.config import load_config
+from pipeline.specs.experiment import ExperimentSpec
+from tests.conftest import files_under, tiny_classification
+
+
+def test_plain_and_mapping_entries_and_the_project_default(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seeds: 3\nvary: split\nexperiments:\n  a: digits\n  b: {dataset: digits, seeds: 5, vary: init}\n"
+                    "comparisons:\n  - [a, b]\n")
+    config = load_config(path)
+    assert config.dataset_of("a") == "digits" and config.seed_list("a") == [0, 1, 2]
+    assert config.seed_list("b", base=10) == [10, 11, 12, 13, 14]
+    assert config.vary_of("a") == "split" and config.vary_of("b") == "init"
+    assert config.comparisons == [("a", "b")]
+
+
+@pytest.mark.parametrize("params, words", [
+    ("seeds: 0\n", "params.yaml: seeds: Input should be greater than 0"),
+    ("experiments:\n  a: {dataset: digits, seeds: 2, vary: data}\n", "experiments.a.vary: Input should be 'init' or 'split'"),
+    ("experiments:\n  a: digits\ncomparisons:\n  - [a, nope]\n", "comparisons[0] names nope, not under `experiments`"),
+    ("experiments:\n  a: digits\ncomparisons:\n  - [a, a]\n", "compares a with itself"),
+    ("equivalence: {accuracy: -0.1}\n", "equivalence.accuracy: Input should be greater than 0"),
+])
+def test_bad_repeats_in_params_exit_2_naming_the_field(params, words, project, capsys):
+    (project / "params.yaml").write_text(params)
+    assert main(["compare", "--no-track"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args, words", [(["--seed", "-1"], "--seed must be at least 0, got -1"),
+                                         (["--workers", "0"], "--workers must be at least 1, got 0")])
+def test_bad_seed_options_exit_2_and_write_nothing(args, words, project, capsys):
+    before = files_under(project)
+    assert main(["train", "specs/digits_mlp.yaml", "--no-track", *args]) == 2
+    assert words in capsys.readouterr().err
+    assert files_under(project) == before
+
+
+def test_a_declared_pair_across_groups_exits_2(project, capsys):
+    (project / "params.yaml").write_text("experiments:\n  a: digits\n  b: diabetes\ncomparisons:\n  - [a, b]\n")
+    for name, dataset, task in (("a", "digits", "classify"), ("b", "diabetes", "regress")):
+        folder = project / "runs" / name / "seed-0"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"dataset": dataset, "task": task, "status": "finished"}))
+    assert main(["compare", "--no-track"]) == 2
+    assert "params.yaml: comparisons[0]: a (digits/classify) and b (diabetes/regress) differ" in capsys.readouterr().err
+
+
+def test_a_seed_changes_the_training_seed_and_with_vary_split_the_split():
+    spec = ExperimentSpec.model_validate({"name": "t", "data": {"dataset": "tiny"}, "task": "classify",
+                                          "model": {"kind": "mlp", "hidden": []}, "train": {"seed": 7}})
+    assert seed_spec(spec, 8, False).train.seed == 8 and seed_spec(spec, 8, False).data.split_seed is None
+    assert seed_spec(spec, 8, True).data.split_seed == 8
+    assert len({seed_spec(spec, s, v).spec_hash() for s in (8, 9) for v in (False, True)}) == 4
+
+
+def test_redrawn_split_keeps_the_test_set_and_the_sizes():
+    data = tiny_classification(n=120)
+    a, b = redraw_split(data, 1), redraw_split(data, 2)
+    for part in ("train", "val"):
+        assert len(a.tensors[f"{part}_x"]) == len(data.tensors[f"{part}_x"])
+    assert torch.equal(a.tensors["test_x"], data.tensors["test_x"])
+    assert not torch.equal(a.tensors["val_x"], b.tensors["val_x"])
+    pooled = torch.cat([data.tensors["train_x"], data.tensors["val_x"]])
+    redrawn = torch.cat([a.tensors["train_x"], a.tensors["val_x"]])
+    assert sorted(map(tuple, pooled.tolist())) == sorted(map(tuple, redrawn.tolist()))  # the same examples
+
+
+def test_worker_plan_never_oversubscribes(monkeypatch):
+    monkeypatch.setattr("pipeline.engine.repeats.available_cores", lambda: 8)
+    assert worker_plan(3, None) == (3, 2)
+    assert worker_plan(20, None) == (8, 1)
+    assert worker_plan(20, 2) == (2, 4)
+    assert worker_plan(1, None) == (1, 8)
+
+
+@pytest.mark.parametrize("task, model, metric", [("classify", {"kind": "mlp", "hidden": [16]}, "accuracy"),
+                                                 ("regress", {"kind": "mlp", "hidden": [16]}, "r2"),
+                                                 ("reconstruct", {"kind": "autoencoder", "variant": "ae"}, "mse")])
+def test_per_example_records_add_up_to_the_reported_metric(task, model, metric, tmp_path):
+    data = tiny_classification()
+    if task == "regress":
+        data.meta.update(target="value", output_size=1, normalisation={"y_mean": [0.0], "y_std": [2.0]})
+        for part in ("train", "val", "test"):
+            data.tensors[f"{part}_y"] = data.tensors[f"{part}_x"][:, :1].clone()
+    spec = ExperimentSpec.model_validate({"name": "t", "data": {"dataset": "tiny"}, "task": task, "model": model,
+                                          "train": {"epochs": 2, "batch_size": 32, "checkpoint_every_s": 0}})
+    run_dir = seed_dir(tmp_path, 0)
+    train_experiment(spec, "t.yaml", data, run_dir, None, progress=False)
+    assert not is_done(spec, run_dir, evaluate=True)  # trained, not yet evaluated
+    result = evaluate_run(spec, data, run_dir, None)
+    assert is_done(spec, run_dir, evaluate=True)
+    records = read_records(run_dir / result["records"])
+    every = np.arange(len(data.tensors["test_x"]))[None]
+    assert metric_from_records(task, records, every)[0] == pytest.approx(result["test"][metric], rel=1e-5)
+
+
+def test_vary_split_trains_each_seed_on_its_own_split(tmp_path):
+    from pipeline.engine.train import Trainer
+    data = tiny_classification(n=120)
+    spec = ExperimentSpec.model_validate({"name": "t", "data": {"dataset": "tiny"}, "task": "classify",
+                                          "model": {"kind": "mlp", "hidden": []}, "train": {"epochs": 1}})
+    same = [Trainer(seed_spec(spec, s, False), data, tmp_path / f"i{s}", progress=False) for s in (0, 1)]
+    split = [Trainer(seed_spec(spec, s, True), data, tmp_path / f"s{s}", progress=False) for s in (0, 1)]
+    assert torch.equal(same[0].val_x, same[1].val_x) and torch.equal(same[0].val_x, data.tensors["val_x"])
+    assert not torch.equal(split[0].val_x, split[1].val_x)
+    assert len(split[0].val_x) == len(data.tensors["val_x"])
