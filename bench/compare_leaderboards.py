@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 # Columns measured on the machine, not decided by the run's numbers.
-MACHINE_COLUMNS = re.compile(r"(time|_per_s|latency|memory|mfu|peak_flops|mlflow_run_id)")
+MACHINE_COLUMNS = re.compile(r"(time|_per_s$|latency|memory|mfu|peak_flops|mlflow_run_id)")
 
 
 def read(path: Path) -> dict[str, dict[str, str]]:
