@@ -16,7 +16,11 @@ EXIT_USER_ERROR = 2
 
 # ── shared steps ─────────────────────────────────────────────────────────────
 def _config(args):
-    from pipeline.specs.config import load_config
+    from pipeline.specs.config import PARAMS_FILE, load_config
+    if args.params is None:  # not given: params.yaml if there is one, else the defaults (outside a project)
+        args.params = PARAMS_FILE
+    elif not Path(args.params).is_file():  # given: a typo must not fall back to the defaults silently
+        raise UserError(args.params, "no such file", field="--params")
     return load_config(args.params)
 
 
@@ -30,6 +34,9 @@ def cmd_prepare(args) -> int:
     from pipeline.data.prepare import prepare
     config = _config(args)
     names = args.datasets or sorted({*config.datasets, *config.experiments.values()})
+    if args.out and len(names) != 1:
+        raise UserError(None, f"holds one dataset, but {len(names)} would be prepared "
+                        f"({', '.join(names)}); name one dataset, or leave out --out", field="--out")
     for name in names:
         out = Path(args.out) if args.out else config.paths.data / name
         meta = prepare(name, dataset_spec(config, name, args.params), out)
@@ -137,7 +144,7 @@ def cmd_ui(args) -> int:
 # ── argument parsing ─────────────────────────────────────────────────────────
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="archlab", description="Spec-driven experiments for deep neural networks.")
-    parser.add_argument("--params", default="params.yaml", help="project settings (default: params.yaml)")
+    parser.add_argument("--params", help="project settings (default: params.yaml, if there is one)")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("prepare", help="prepare datasets into data/prepared/NAME/")

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -20,8 +21,10 @@ from models.base import StrictModel
 from models.registry import DataShape
 from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, Mnist1dSource, NpzSource,
                                      SequenceSource, SplitSpec, TableSource)
-from pipeline.specs.errors import UserError
+from pipeline.specs.errors import UserError, refuse_unless_ours
 from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
+
+PREPARED_KIND = "prepared dataset"  # the kind of folder replace_dir marks (pipeline/io.py)
 
 TargetKind = Literal["class", "value", "tokens"]
 
@@ -336,6 +339,7 @@ def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], d
 
 def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
     """Write a prepared dataset folder atomically: a failure leaves no half-written folder behind."""
+    refuse_unless_ours(out_dir, PREPARED_KIND)  # before the work of building: a refusal costs nothing
     arrays, meta = build_arrays(name, spec)
     write_prepared(arrays, meta, out_dir)
     return meta
@@ -343,13 +347,14 @@ def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
 
 def write_prepared(arrays: dict[str, np.ndarray], meta: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
+    refuse_unless_ours(out_dir, PREPARED_KIND)
 
     def fill(tmp: Path) -> None:
         buffer = _npz_bytes(arrays)
         atomic_write_bytes(tmp / "arrays.npz", buffer)
         atomic_write_json(tmp / "meta.json", meta)
 
-    replace_dir(out_dir, fill)
+    replace_dir(out_dir, fill, kind=PREPARED_KIND)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -359,17 +364,45 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def read_meta(folder: str | Path) -> dict | None:
+    """A prepared folder's meta.json, or None where there is none; one that cannot be read is the user's to fix."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(path, f"not a prepared dataset's meta.json: {exc}") from None
+    if not isinstance(meta, dict) or not {"name", "input_shape", "output_size"} <= meta.keys():
+        raise UserError(path, "not a prepared dataset's meta.json (no name, input_shape, output_size)")
+    return meta
+
+
+def spec_changes(meta: dict, spec: StrictModel) -> list[str]:
+    """How the dataset spec a folder was prepared from differs from `spec`: ['split.seed: 0 → 1', ...]."""
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            return {k: v for key, sub in obj.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: obj}
+    was, now = flat(meta.get("spec") or {}), flat(spec.model_dump(mode="json"))
+    return [f"{key}: {was.get(key, '(unset)')} → {now.get(key, '(unset)')}"
+            for key in sorted({*was, *now}) if was.get(key) != now.get(key)]
+
+
 def load_prepared(folder: str | Path) -> Prepared:
     folder = Path(folder)
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
+    meta = read_meta(folder)
+    if meta is None:
         raise UserError(folder, "not a prepared dataset (no meta.json); run `archlab prepare` first")
-    meta = json.loads(meta_path.read_text())
     # Where the data came from (in memory only, never written to meta.json): tasks that keep artifacts
     # beside the prepared folder find it here (the feature classifier of pipeline/quality.py).
     meta["prepared_dir"] = str(folder)
-    with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
-        tensors = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+    try:
+        with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
+            tensors = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise UserError(folder / "arrays.npz", f"cannot read the prepared arrays ({type(exc).__name__}: {exc}); "
+                        "prepare the dataset again") from None
     if meta.get("target") != "tokens" and "value_range" not in meta:  # a folder prepared before it was recorded
         meta["value_range"] = [float(tensors["train_x"].min()), float(tensors["train_x"].max())]
     return Prepared(meta=meta, tensors=tensors)

@@ -1,43 +1,68 @@
 """Where a spec meets its data: the task can read the data and the model builds and runs on its shape."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from pipeline.specs.errors import UserError
+from pipeline.io import why_not_replaceable
+from pipeline.specs.errors import UserError, refuse_unless_ours
 
 
 def ensure_prepared(config, spec, folder: Path, spec_path: str):
-    """Load the spec's prepared dataset, preparing it first on a fresh checkout.
+    """Load the spec's prepared dataset, preparing it first on a fresh checkout or when params.yaml now
+    describes the dataset differently (stale data is never used silently).
 
     The model is checked against the data's shape before anything is written, so an impossible
-    architecture leaves no prepared folder behind.
+    architecture leaves no prepared folder behind. Only a folder archlab made is ever replaced.
     """
-    from pipeline.specs.config import dataset_spec
     from pipeline.data.prepare import build_arrays, load_prepared, write_prepared
+    from pipeline.specs.config import dataset_spec
     dataset = spec.data.dataset
-    if (folder / "meta.json").is_file():
+    wanted = dataset_spec(config, dataset, spec_path)
+    if _current_meta(folder, dataset, wanted) is not None:
         data = load_prepared(folder)
-        if data.meta["name"] != dataset:
-            raise UserError(folder, f"holds dataset {data.meta['name']!r} but the spec asks for {dataset!r}",
-                            field="data.dataset")
         check_buildable(spec, data.meta, spec_path)
         return data
-    arrays, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
+    arrays, meta = build_arrays(dataset, wanted)
     check_buildable(spec, meta, spec_path)
     print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
     write_prepared(arrays, meta, folder)
     return load_prepared(folder)
 
 
+def _current_meta(folder: Path, dataset: str, wanted) -> dict | None:
+    """The folder's meta if it holds `dataset` prepared from the spec `wanted`; None if it must be prepared
+    (nothing there, or archlab's own folder prepared from another spec). Anything else is refused."""
+    from pipeline.data.prepare import PREPARED_KIND, read_meta, spec_changes
+    meta = read_meta(folder)
+    if meta is None:
+        refuse_unless_ours(folder, PREPARED_KIND)
+        return None
+    if meta["name"] != dataset:
+        raise UserError(folder, f"holds dataset {meta['name']!r} but the spec asks for {dataset!r}",
+                        field="data.dataset")
+    changes = spec_changes(meta, wanted)
+    if not changes:
+        return meta
+    reason = why_not_replaceable(folder, PREPARED_KIND)
+    if reason is not None:
+        raise UserError(folder, f"was prepared from another spec of {dataset!r} ({'; '.join(changes)}), and "
+                        f"archlab cannot prepare it again there: it {reason}")
+    print(f"dataset {dataset!r} changed since {folder} was prepared ({'; '.join(changes)}): preparing it again",
+          file=sys.stderr)
+    return None
+
+
 def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
-    """The data's meta.json, from a prepared folder or, failing that, built in memory (nothing written)."""
+    """The data's meta.json, from a prepared folder of the same dataset spec or, failing that, built in
+    memory (nothing written)."""
+    from pipeline.data.prepare import build_arrays, read_meta, spec_changes
     from pipeline.specs.config import dataset_spec
-    from pipeline.data.prepare import build_arrays
-    if (folder / "meta.json").is_file():
-        return json.loads((folder / "meta.json").read_text())
-    _, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
+    wanted = dataset_spec(config, dataset, spec_path)
+    meta = read_meta(folder)
+    if meta is not None and meta["name"] == dataset and not spec_changes(meta, wanted):
+        return meta
+    _, meta = build_arrays(dataset, wanted)
     return meta
 
 

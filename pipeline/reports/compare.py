@@ -15,12 +15,14 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import atomic_write_text, replace_dir
+from pipeline.specs.errors import UserError, refuse_unless_ours
 from pipeline.reports.records import FLAG_NAMES, RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run, metric_mode
 
 LEADERBOARD = "leaderboard.csv"
 COMPARISON_MD = "comparison.md"
 COMPARISON_HTML = "comparison.html"
 FIGURES = "figures"
+FIGURES_KIND = "report figures"  # the kind of folder replace_dir marks (pipeline/io.py)
 PLOTS = "plots"
 MLFLOW_EXPERIMENT = "archlab/compare"
 
@@ -309,11 +311,15 @@ def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str |
     """Write every report for the named experiments from runs_dir into out_dir; log it to MLflow if asked."""
     from pipeline.reports.document import render_html, render_markdown
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(out_dir, "is a file; the reports need a folder")
+    refuse_unless_ours(out_dir / FIGURES, FIGURES_KIND)
     records = [load_run(name, Path(runs_dir)) for name in names]
     frame = leaderboard_frame(records)
     holder = {}
     # Figures are drawn into a fresh folder swapped in whole: no stale figure of a dropped experiment stays.
-    replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder)))
+    replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder)),
+                kind=FIGURES_KIND)
     report = holder["report"]
     write_plot_data(records, out_dir)
     atomic_write_text(out_dir / LEADERBOARD, frame.to_csv(index=False))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pipeline.io import why_not_replaceable
+
 
 class UserError(Exception):
     """A mistake in a spec, a data file or a command line. Never a bug of ours."""
@@ -53,3 +55,11 @@ def from_validation_error(source: str | Path, err: ValidationError, drop: frozen
     first, rest = lines[0].split(": ", 1)
     message = rest if len(lines) == 1 else rest + "".join(f"\n  {source}: {line}" for line in lines[1:])
     return UserError(source, message, field=first)
+
+
+def refuse_unless_ours(path: str | Path, kind: str, field: str | None = None) -> None:
+    """A UserError naming `path` unless archlab may replace it with a folder of this kind (pipeline/io.py):
+    archlab never deletes or replaces what it cannot prove it made."""
+    reason = why_not_replaceable(path, kind)
+    if reason is not None:
+        raise UserError(path, reason, field=field)

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.io import atomic_write_json, atomic_write_text, replace_dir
+from pipeline.specs.errors import refuse_unless_ours
 from pipeline.specs.sweep import COST_KEYS, CategoricalDim, Sweep
 from pipeline.sweeps.space import build_trial_spec, values_from_params
 
@@ -328,7 +329,11 @@ def export_best_specs(study, sweep: Sweep, folder: Path, final_folder: Path, spe
 
 
 # ── the report ───────────────────────────────────────────────────────────────
+REPORT_KIND = "sweep report"  # the kind of folder replace_dir marks (pipeline/io.py)
+
+
 def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir: Path = Path("specs")) -> None:
+    refuse_unless_ours(out_dir, REPORT_KIND)
     table = trials_table(study, sweep)
     best = best_table(study, sweep, table)
     pareto = pareto_numbers(study)
@@ -358,7 +363,7 @@ def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir
         atomic_write_json(folder / "summary.json", summary)
         atomic_write_text(folder / "README.md", _readme(sweep, study, storage_url, best, figures, out_dir))
 
-    replace_dir(out_dir, fill)
+    replace_dir(out_dir, fill, kind=REPORT_KIND)
 
 
 def _readme(sweep: Sweep, study, storage_url: str, best: pd.DataFrame, figures: dict[str, bool],

@@ -576,7 +576,9 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
               specs_dir: str | Path = "specs") -> SweepResult:
     """Create or continue the study, run K workers until the budget is spent, then write the report."""
     from pipeline.data.prepare import load_prepared
-    from pipeline.sweeps.report import best_summary, write_report
+    from pipeline.specs.errors import refuse_unless_ours
+    from pipeline.sweeps.report import REPORT_KIND, best_summary, write_report
+    refuse_unless_ours(report_dir, REPORT_KIND)  # before any trial: the report must have somewhere to go
     data = load_prepared(data_dir)
     preflight(sweep, data)
     study = open_study(sweep, storage_url, sweep.spec.seed)

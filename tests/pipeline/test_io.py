@@ -22,7 +22,7 @@ def current_umask() -> int:
 def test_files_and_folders_get_the_modes_of_a_plain_write(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "x")
     atomic_torch_save(tmp_path / "w.pt", {"a": 1})
-    replace_dir(tmp_path / "figures", lambda folder: (folder / "f.png").write_bytes(b"png"))
+    replace_dir(tmp_path / "figures", lambda folder: (folder / "f.png").write_bytes(b"png"), kind="figures")
     (tmp_path / "plain.txt").write_text("x")
     (tmp_path / "plain").mkdir()
     # what open() and mkdir() give (0644 / 0755 under umask 022), not mkstemp's 0600 nor mkdtemp's 0700
