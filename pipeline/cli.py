@@ -132,6 +132,10 @@ def cmd_sweep(args) -> int:
     best = result.best
     shown = f", best {best['candidate']} (trial {best['trial']})" if "trial" in best else ""
     print(f"{sweep.name}: study {result.study_name}, {result.trials} trials ({result.ran} new){shown} → {report_dir}")
+    if not result.complete:
+        print(f"archlab: the budget of {sweep.name} is not spent yet (a worker died); rerun the same command to "
+              "finish it", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -91,6 +91,8 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def end(self, status: str = "FINISHED") -> None:
-        self.flush()
+    def end(self, status: str = "FINISHED", flush: bool = True) -> None:
+        if flush:
+            self.flush()
+        self._pending = []
         self.client.set_terminated(self.run_id, status=status)

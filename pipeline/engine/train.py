@@ -7,6 +7,7 @@ states, history, MLflow run id) is written at the end of an epoch, at most every
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -26,6 +27,7 @@ from models import build_model
 from pipeline.data.prepare import Prepared
 from pipeline.engine.diagnostics import make_monitor
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
 from pipeline.engine.tasks import Phase, Task, make_task
 from pipeline.engine.tracking import Tracker
@@ -403,6 +405,19 @@ def history_csv(history: list[dict]) -> str:
 
 
 # ── one experiment, end to end (what `archlab train` calls) ──────────────────
+def check_monitor(spec: ExperimentSpec, trainer: Trainer, source: str | Path) -> None:
+    """Early stopping must watch a metric the history will hold: a name that never appears would stop
+    training after one epoch. Checked on two validation samples before anything is written."""
+    es = spec.train.early_stopping
+    if es is None:
+        return
+    names = list(evaluate_split(trainer.model, trainer.task, trainer.val_x[:2], trainer.val_y[:2]))
+    known = [f"{part}/{name}" for part in ("val", "train") for name in names]
+    if es.monitor not in known:
+        raise UserError(source, f"{es.monitor!r} is not a metric of task {spec.task}; it reports: "
+                        f"{', '.join(known)}", field="train.early_stopping.monitor")
+
+
 def mlflow_experiment_name(spec: ExperimentSpec) -> str:
     return f"{spec.data.dataset}/{spec.task}"
 
@@ -421,16 +436,26 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     run_dir = Path(run_dir)
 
     def open_tracker(run_id: str | None) -> Tracker:
+        tags = {"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
+                "spec_hash": spec.spec_hash(), "git_commit": git_commit(),
+                "data_hash": data.meta.get("content_hash", ""), **(extra_tags or {})}
+        # Tagged as it is created: a run interrupted a moment later can still be found by its tags.
         tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id, run_name=spec.name,
-                          parent_run_id=parent_run_id)
+                          parent_run_id=parent_run_id, tags=tags)
         tracker.log_params(flatten(spec.model_dump(mode="json")))
-        tracker.set_tags({"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
-                          "spec_hash": spec.spec_hash(), "git_commit": git_commit(),
-                          "data_hash": data.meta.get("content_hash", ""), **(extra_tags or {})})
+        tracker.set_tags(tags)  # a resumed run too
         return tracker
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
-    metrics = trainer.run()
+    check_monitor(spec, trainer, spec_path)
+    try:
+        metrics = trainer.run()
+    except BaseException as err:
+        if trainer.tracker is not None:  # no MLflow run is left RUNNING by a failure we live to see
+            with contextlib.suppress(Exception):
+                # Epochs after the last checkpoint are not sent: a resume trains and logs them again.
+                trainer.tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", flush=False)
+        raise
     cost = measure_cost(trainer, metrics)
     atomic_write_json(run_dir / "cost.json", cost)
     if trainer.tracker is not None:

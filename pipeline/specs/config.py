@@ -48,6 +48,10 @@ def load_config(path: str | Path = PARAMS_FILE) -> ProjectConfig:
         raise from_validation_error(path, err, tags) from None
 
 
+def knows_dataset(config: ProjectConfig, name: str) -> bool:
+    return name in config.datasets or name in BUILTIN_DATASETS
+
+
 def dataset_spec(config: ProjectConfig, name: str, source: str | Path = PARAMS_FILE):
     if name in config.datasets:
         return config.datasets[name]
