@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.engine.checks import check_buildable, dataset_meta, ensure_prepared
-from pipeline.specs.errors import UserError
+from pipeline.specs.errors import UserError, refuse_unless_ours
 
 EXIT_USER_ERROR = 2
 
@@ -66,8 +66,10 @@ def cmd_train(args) -> int:
     from pipeline.engine.train import train_experiment
     config = _config(args)
     spec = load_spec(args.spec)
-    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
+    if run_dir.exists() and not run_dir.is_dir():  # before preparing data: a mistake writes nothing
+        raise UserError(run_dir, "is a file; a run needs a folder", field="--out")
+    data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
     final = metrics["final"].get(f"val/{metrics['main_metric']}")
     print(f"{spec.name}: {metrics['status']} after {metrics['epochs']} epochs, val/{metrics['main_metric']}="
@@ -113,17 +115,19 @@ def cmd_schema(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline.specs.config import tracking_uri
+    from pipeline.sweeps.report import REPORT_KIND
     from pipeline.sweeps.study import default_storage_url, run_sweep
     from pipeline.specs.sweep import load_sweep
     config = _config(args)
     if args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")
     sweep = load_sweep(args.sweep, config.paths.specs)
+    report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
+    refuse_unless_ours(report_dir, REPORT_KIND)  # before the data is prepared: a refusal writes nothing
     first = next(iter(sweep.bases))
     data_dir = _data_dir(args, config, sweep.dataset)
     ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
     storage = args.storage or default_storage_url(config.paths.sweeps, sweep.name)
-    report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
     result = run_sweep(sweep, data_dir, config.paths.runs / "sweeps" / sweep.name, report_dir, storage,
                        workers=args.workers, tracking_uri=None if args.no_track else tracking_uri(config),
                        specs_dir=config.paths.specs)

@@ -63,14 +63,26 @@ def _load_diabetes(spec: DiabetesSource) -> RawData:
     return RawData(x=d.data.astype(np.float32), y=d.target.astype(np.float32)[:, None], target="value")
 
 
+def _numeric(a: np.ndarray, where: str, field: str, what: str) -> None:
+    """Text, objects or dates where numbers belong are the user's to fix, said plainly (not a numpy traceback)."""
+    if a.dtype.kind not in "biuf":
+        raise UserError(where, f"{what} must be numbers, but they are {a.dtype} values", field=field)
+    if a.size == 0:
+        raise UserError(where, f"{what} are empty (no samples)", field=field)
+
+
 def _labels_or_values(y: np.ndarray, target: str, where: str, num_classes: int | None = None) -> tuple[np.ndarray, str, int | None]:
+    _numeric(y, where, "y", "labels or targets")
     is_int = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)
     kind = target if target != "auto" else ("class" if is_int else "value")
     if kind == "value":
         y = y.astype(np.float32)
         return (y[:, None] if y.ndim == 1 else y), "value", None
     if not is_int:
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y[np.isfinite(y)], 1) == 0):
+        if not np.isfinite(y).all():
+            raise UserError(where, f"class labels must be integers, found {int((~np.isfinite(y)).sum())} NaN or Inf",
+                            field="y")
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
             y = y.astype(np.int64)
         else:
             raise UserError(where, "class labels must be integers", field="y")
@@ -91,19 +103,32 @@ def _load_npz(spec: NpzSource) -> RawData:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise UserError(path, f"cannot read as .npz: {exc}") from None
+    if not hasattr(arrays, "files"):
+        raise UserError(path, "a single .npy array, not an .npz archive of x and y")
     for key in ("x", "y"):
         if key not in arrays:
             raise UserError(path, f"missing array {key!r} (found: {', '.join(arrays.files) or 'none'})", field=key)
-    x, y = arrays["x"], arrays["y"]
     has_test = "x_test" in arrays
     if has_test != ("y_test" in arrays):
         raise UserError(path, "x_test and y_test must come together", field="x_test")
-    x_test, y_test = (arrays["x_test"], arrays["y_test"]) if has_test else (None, None)
+    x, y = _npz_member(arrays, "x", path), _npz_member(arrays, "y", path)
+    x_test, y_test = (_npz_member(arrays, "x_test", path), _npz_member(arrays, "y_test", path)) if has_test else (None, None)
+    for key, a in (("x", x), ("x_test", x_test)):
+        if a is not None:
+            _numeric(a, str(path), key, "features")
     y, kind, k = _labels_or_values(y, spec.target, str(path), spec.num_classes)
     if has_test:
         y_test, _, _ = _labels_or_values(y_test, kind, str(path), k)
     return RawData(x=x.astype(np.float32), y=y, x_test=None if x_test is None else x_test.astype(np.float32),
                    y_test=y_test, target=kind, num_classes=k)
+
+
+def _npz_member(arrays, key: str, path: Path) -> np.ndarray:
+    """One array of an .npz; a corrupt member or an object array (which would need pickle) is the user's."""
+    try:
+        return arrays[key]
+    except Exception as exc:  # noqa: BLE001 - zlib, zipfile, numpy format errors: all mean a bad file
+        raise UserError(path, f"cannot read array {key!r}: {type(exc).__name__}: {exc}", field=key) from None
 
 
 def _load_table(spec: TableSource) -> RawData:
@@ -135,11 +160,17 @@ def _load_table(spec: TableSource) -> RawData:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UserError(path, f"cannot read: {exc}") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise UserError(path, "not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise UserError(path, f"truncated IDX header: {ndim} dimensions need {4 + 4 * ndim} bytes, the file has "
+                        f"{len(data)}")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
