@@ -63,14 +63,19 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
-    from pipeline.engine.train import train_experiment
+    from pipeline.engine.train import set_aside_checkpoint, train_experiment
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
     if run_dir.exists() and not run_dir.is_dir():  # before preparing data: a mistake writes nothing
         raise UserError(run_dir, "is a file; a run needs a folder", field="--out")
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
-    metrics = train_experiment(spec, args.spec, data, run_dir, None if args.no_track else tracking_uri(config))
+    if args.restart:
+        aside = set_aside_checkpoint(run_dir)
+        if aside is not None:
+            print(f"set the checkpoint aside as {aside}; training afresh", file=sys.stderr)
+    metrics = train_experiment(spec, args.spec, data, run_dir, uri)
     final = metrics["final"].get(f"val/{metrics['main_metric']}")
     print(f"{spec.name}: {metrics['status']} after {metrics['epochs']} epochs, val/{metrics['main_metric']}="
           f"{final if final is None else round(final, 4)}, {metrics['train_time_s']:.1f}s → {run_dir}")
@@ -82,12 +87,13 @@ def cmd_evaluate(args) -> int:
     from pipeline.engine.evaluate import evaluate_run
     from pipeline.specs.experiment import load_spec
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
     if not (run_dir / "checkpoint.pt").is_file():  # before preparing data: a mistake writes nothing
         raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
-    result = evaluate_run(spec, data, run_dir, None if args.no_track else tracking_uri(config))
+    result = evaluate_run(spec, data, run_dir, uri)
     scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
     print(f"{spec.name}: test {scalars}")
     return 0
@@ -97,10 +103,11 @@ def cmd_compare(args) -> int:
     from pipeline.reports.compare import compare
     from pipeline.specs.config import tracking_uri
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     names = args.experiments or list(config.experiments)
     runs = Path(args.runs) if args.runs else config.paths.runs
     out = Path(args.out) if args.out else config.paths.reports
-    table = compare(names, runs, out, None if args.no_track else tracking_uri(config))
+    table = compare(names, runs, out, uri)
     print(f"compared {len(table)} experiments → {out}")
     return 0
 
@@ -119,6 +126,7 @@ def cmd_sweep(args) -> int:
     from pipeline.sweeps.study import default_storage_url, run_sweep
     from pipeline.specs.sweep import load_sweep
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     if args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")
     sweep = load_sweep(args.sweep, config.paths.specs)
@@ -129,7 +137,7 @@ def cmd_sweep(args) -> int:
     ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
     storage = args.storage or default_storage_url(config.paths.sweeps, sweep.name)
     result = run_sweep(sweep, data_dir, config.paths.runs / "sweeps" / sweep.name, report_dir, storage,
-                       workers=args.workers, tracking_uri=None if args.no_track else tracking_uri(config),
+                       workers=args.workers, tracking_uri=uri,
                        specs_dir=config.paths.specs)
     if result.recovered:
         print(f"requeued trials left running by a stopped worker: {result.recovered}")
@@ -169,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
     p.add_argument("--out", help="run folder (default: runs/NAME)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--restart", action="store_true", help="set the run's checkpoint aside (renamed, kept) and "
+                   "train afresh, e.g. after a corrupt checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on the test split")

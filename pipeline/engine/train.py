@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import os
 import io
 import math
 import random
@@ -223,7 +224,7 @@ class Trainer:
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
             return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        ckpt = read_checkpoint(path, self.device)
         if ckpt.get("spec_hash") != self.spec.spec_hash():
             return False
         self.model.load_state_dict(ckpt["model"])
@@ -470,11 +471,38 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     return metrics
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A run's checkpoint; a truncated, empty or garbage file is a UserError that says how to go on."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "state"} <= ckpt.keys():
+            raise ValueError("not an archlab checkpoint")
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors alike: the file is unusable
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(path, f"the checkpoint cannot be read ({reason}); `archlab train SPEC --restart` sets it "
+                        "aside (kept, renamed) and trains afresh") from None
+    return ckpt
+
+
+def set_aside_checkpoint(run_dir: str | Path) -> Path | None:
+    """Move a run's checkpoint to a new name beside it (never over another file) → where it went."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for n in range(1000):
+        aside = path.with_name(f"{CHECKPOINT}.set-aside-{stamp}" + (f"-{n}" if n else ""))
+        if not aside.exists():
+            os.rename(path, aside)
+            return aside
+    raise UserError(path, "too many set-aside checkpoints beside it; remove some")
+
+
 def load_checkpoint_model(spec: ExperimentSpec, data: Prepared, run_dir: str | Path,
                           device: torch.device | None = None) -> tuple[nn.Module, dict]:
     """The trained model of a run (best weights under early stopping) and its saved state."""
     device = device or pick_device(spec.train.device)
-    ckpt = torch.load(Path(run_dir) / CHECKPOINT, map_location=device, weights_only=True)
+    ckpt = read_checkpoint(Path(run_dir) / CHECKPOINT, device)
     model = build_model(spec.model, data.shape).to(device)
     state = ckpt["state"]
     weights = state["best_weights"] if state.get("best_weights") and state["status"] != "diverged" else ckpt["model"]
