@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import os
 import io
 import math
+import os
 import random
 import sys
 import time
@@ -406,6 +406,35 @@ def history_csv(history: list[dict]) -> str:
 
 
 # ── one experiment, end to end (what `archlab train` calls) ──────────────────
+LOCK = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder while training it: a second training of the same run stops with exit 2 naming the
+    holder, instead of both training to the end into one folder and two MLflow runs. The kernel drops the
+    lock when its process dies, so a killed run never leaves it stale."""
+    import fcntl
+    import socket
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(run_dir, f"is being trained by {holder}; wait for it to end or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_monitor(spec: ExperimentSpec, trainer: Trainer, source: str | Path) -> None:
     """Early stopping must watch a metric the history will hold: a name that never appears would stop
     training after one epoch. Checked on two validation samples before anything is written."""
@@ -449,8 +478,11 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
     check_monitor(spec, trainer, spec_path)
+    if (run_dir / CHECKPOINT).is_file():
+        read_checkpoint(run_dir / CHECKPOINT)  # a corrupt one is refused before the lock file is written
     try:
-        metrics = trainer.run()
+        with run_lock(run_dir):
+            metrics = trainer.run()
     except BaseException as err:
         if trainer.tracker is not None:  # no MLflow run is left RUNNING by a failure we live to see
             with contextlib.suppress(Exception):

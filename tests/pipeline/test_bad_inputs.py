@@ -7,6 +7,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,18 +221,39 @@ def test_a_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, project,
         path = project / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert_refused(project, capsys, case.argv, case.says)
+
+
+def assert_refused(project: Path, capsys, argv: list[str], says: list[str]) -> None:
+    """The promise: exit 2, one line holding every fragment of `says`, no traceback, the tree unchanged."""
     capsys.readouterr()
     before = snapshot(project)
-    code = main(case.argv)
+    code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     errors = [line for line in lines if line.startswith("archlab: error: ")]
     assert len(errors) == 1 and len(lines) == 1, err
-    for fragment in case.says:
+    for fragment in says:
         assert fragment in errors[0], (fragment, errors[0])
     assert snapshot(project) == before  # nothing written, nothing changed, no MLflow run
+
+
+def test_a_second_training_of_a_run_in_progress_names_the_holder(project, capsys):
+    """A real process holds runs/digits_mlp (as a training would); `archlab train` of the same run stops."""
+    assert main(["prepare", "digits"]) == 0
+    code = ("import sys, time; from pathlib import Path; from pipeline.engine.train import run_lock\n"
+            "with run_lock(Path('runs/digits_mlp')):\n    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=project, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert_refused(project, capsys, ["train", "specs/digits_mlp.yaml", "--no-track"],
+                       ["runs/digits_mlp", f"is being trained by pid {holder.pid}"])
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_the_corpus_covers_each_group():
