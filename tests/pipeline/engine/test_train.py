@@ -1,6 +1,7 @@
 """The engine: resume equals an uninterrupted run, divergence is a result, budgets and schedules hold."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -132,3 +133,18 @@ def test_regression_reports_r2(tmp_path):
     spec.task = "regress"
     metrics = Trainer(spec, data, tmp_path, progress=False).run()
     assert math.isfinite(metrics["final"]["val/r2"]) and metrics["final"]["val/r2"] > 0.5
+
+
+def test_restart_sets_a_corrupt_checkpoint_aside_and_trains_afresh(project, capsys):
+    from pipeline.cli import main
+    run = project / "runs" / "t"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"\x00garbage")
+    spec = "name: t\ndata: {dataset: digits}\ntask: classify\nmodel: {kind: mlp, hidden: [8]}\ntrain: {epochs: 1}\n"
+    (project / "t.yaml").write_text(spec)
+    assert main(["train", "t.yaml", "--no-track"]) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert main(["train", "t.yaml", "--no-track", "--restart"]) == 0
+    aside = [p for p in run.iterdir() if p.name.startswith("checkpoint.pt.set-aside-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"\x00garbage"  # kept, not deleted
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
