@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.engine.checks import check_buildable, dataset_meta, ensure_prepared
+from pipeline.engine.tracking import check_store
 from pipeline.specs.errors import UserError, refuse_unless_ours
 
 EXIT_USER_ERROR = 2
@@ -70,6 +71,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
     if run_dir.exists() and not run_dir.is_dir():  # before preparing data: a mistake writes nothing
         raise UserError(run_dir, "is a file; a run needs a folder", field="--out")
+    check_store(uri)
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     if args.restart:
         aside = set_aside_checkpoint(run_dir)
@@ -92,6 +94,7 @@ def cmd_evaluate(args) -> int:
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
     if not (run_dir / "checkpoint.pt").is_file():  # before preparing data: a mistake writes nothing
         raise UserError(run_dir, "no checkpoint.pt; run `archlab train` first")
+    check_store(uri)
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     result = evaluate_run(spec, data, run_dir, uri)
     scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
@@ -132,6 +135,7 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.sweep, config.paths.specs)
     report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
     refuse_unless_ours(report_dir, REPORT_KIND)  # before the data is prepared: a refusal writes nothing
+    check_store(uri)
     first = next(iter(sweep.bases))
     data_dir = _data_dir(args, config, sweep.dataset)
     ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))

@@ -30,6 +30,23 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
 
 
+def check_store(uri: str | None) -> None:
+    """Open a local MLflow store once before anything is written: a corrupt mlflow.db is one clear line, not
+    a SQLAlchemy traceback after a run folder was made. (A server is not probed: MLflow retries a dead one
+    for minutes.)"""
+    if uri is None or not uri.startswith("sqlite:"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.specs.errors import UserError
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and MLflow errors alike: the store is unusable
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(uri, f"the MLflow store cannot be opened: {first}; move the file aside (MLflow makes a "
+                        "new one) or set tracking_uri", field=None) from None
+
+
 def metric_key(name: str) -> str:
     """MLflow keys allow letters, digits, _ - . space / : only; module paths may carry others."""
     return "".join(c if c.isalnum() or c in "_-./ :" else "_" for c in name)

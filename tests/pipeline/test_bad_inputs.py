@@ -196,6 +196,8 @@ FAULTS = [
     Case("train-corrupt-checkpoint", ["train", "specs/digits_mlp.yaml", "--no-track"],
          ["runs/digits_mlp/checkpoint.pt", "cannot be read", "--restart"],
          {"runs/digits_mlp/checkpoint.pt": b"PK\x03\x04 truncated"}, prepared=True),
+    Case("corrupt-mlflow-db", ["train", "specs/digits_mlp.yaml"], ["sqlite:///mlflow.db", "cannot be opened"],
+         {"mlflow.db": b"SQLite format 2\x00" + bytes(range(256)) * 8}, prepared=True),
     Case("evaluate-empty-checkpoint", ["evaluate", "specs/digits_mlp.yaml", "--no-track"],
          ["runs/digits_mlp/checkpoint.pt", "cannot be read"], {"runs/digits_mlp/checkpoint.pt": b""}, prepared=True),
 ]
