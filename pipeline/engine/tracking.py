@@ -4,6 +4,7 @@ MLflow is imported lazily: `archlab validate` and the tests that do not track sh
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -31,20 +32,23 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 
 def check_store(uri: str | None) -> None:
-    """Open a local MLflow store once before anything is written: a corrupt mlflow.db is one clear line, not
-    a SQLAlchemy traceback after a run folder was made. (A server is not probed: MLflow retries a dead one
-    for minutes.)"""
-    if uri is None or not uri.startswith("sqlite:"):
+    """Read a local MLflow store's file once before anything is written: a corrupt mlflow.db is one clear line,
+    not a SQLAlchemy traceback after a run folder was made. A missing file is fine (MLflow makes one); a
+    server is not probed (MLflow retries a dead one for minutes)."""
+    if uri is None or not uri.startswith("sqlite:///"):
         return
-    from mlflow.tracking import MlflowClient
+    import sqlite3
 
     from pipeline.specs.errors import UserError
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return
     try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and MLflow errors alike: the store is unusable
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        raise UserError(uri, f"the MLflow store cannot be opened: {first}; move the file aside (MLflow makes a "
-                        "new one) or set tracking_uri", field=None) from None
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:  # read-only
+            db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        raise UserError(uri, f"the MLflow store cannot be opened ({exc}); move {path} aside (MLflow makes a "
+                        "new one) or set tracking_uri") from None
 
 
 def metric_key(name: str) -> str:
