@@ -5,6 +5,7 @@ User mistakes end in `file: field: message` on stderr and exit status 2, without
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pipeline.engine.tracking import check_store
 from pipeline.specs.errors import UserError, refuse_unless_ours
 
 EXIT_USER_ERROR = 2
+EXIT_DISK_FULL = 1  # not the user's input: a plain failure status, in one line
 
 
 # ── shared steps ─────────────────────────────────────────────────────────────
@@ -229,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("archlab: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # Every file is written atomically: what was there before (the last good checkpoint) is still whole.
+        print(f"archlab: error: {err.filename or 'a file'}: the disk is full; nothing was half-written and the "
+              "files from before (the last checkpoint) are kept: free some space and rerun to resume", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,11 @@ def _replacing(path: Path) -> Iterator[str]:
         yield tmp
         os.chmod(tmp, FILE_MODE)  # reports and runs are read by others (a web server, a colleague)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC and err.filename is None:  # a failed write names no file: name the target
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -57,9 +63,14 @@ def _json_default(obj):
 
 
 def atomic_torch_save(path: str | Path, obj) -> None:
+    """torch.save, atomically. Serialised in memory first: torch's own file writer reports a full disk as
+    "unexpected pos ..."; Python's write says ENOSPC, which the CLI turns into one clear line."""
+    import io
+
     import torch
-    with _replacing(Path(path)) as tmp:
-        torch.save(obj, tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ── folders archlab made, and only those, may be replaced ────────────────────

@@ -148,3 +148,35 @@ def test_restart_sets_a_corrupt_checkpoint_aside_and_trains_afresh(project, caps
     aside = [p for p in run.iterdir() if p.name.startswith("checkpoint.pt.set-aside-")]
     assert len(aside) == 1 and aside[0].read_bytes() == b"\x00garbage"  # kept, not deleted
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: room for one checkpoint of the model below (640 KB) but not for the next one beside it."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(project, small_disk, capsys):
+    from pipeline.cli import main
+    (project / "t.yaml").write_text("name: t\ndata: {dataset: digits}\ntask: classify\n"
+                                    "model: {kind: mlp, hidden: [256, 128]}\ntrain: {epochs: 3, checkpoint_every_s: 0}\n")
+    assert main(["prepare", "digits"]) == 0
+    capsys.readouterr()
+    assert main(["train", "t.yaml", "--no-track", "--out", str(small_disk / "run")]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("archlab:")]
+    assert "Traceback" not in err and errors == [
+        f"archlab: error: {small_disk / 'run' / CHECKPOINT}: the disk is full; nothing was half-written and the "
+        "files from before (the last checkpoint) are kept: free some space and rerun to resume"]
+    assert sorted(p.name for p in (small_disk / "run").iterdir()) == [".train.lock", CHECKPOINT]  # no temporary
+    ckpt = torch.load(small_disk / "run" / CHECKPOINT, weights_only=True)  # whole, and the first epoch's
+    assert ckpt["state"]["epoch"] == 1
