@@ -292,6 +292,8 @@ class Trainer:
         if self.open_tracker is not None:
             self.tracker = self.open_tracker(self.state.run_id)
             self.state.run_id = self.tracker.run_id
+        if not resumed:  # epoch 0: a kill before the first epoch ends still resumes this very MLflow run
+            self.save_checkpoint()
         progress = Progress(spec.name, spec.train.epochs, self.state.epoch) if self.show_progress else None
         es = spec.train.early_stopping
         monitor_key = es.monitor if es else f"val/{self.task.metric}"

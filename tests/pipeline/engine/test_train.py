@@ -113,14 +113,15 @@ def test_schedules_warm_up_linearly_then_follow_their_shape(name):
 
 
 def test_checkpoints_are_rate_limited(tmp_path):
-    """With a long interval only the last epoch writes a checkpoint: fast epochs do not pay for it."""
+    """With a long interval only the start (epoch 0, which pins the MLflow run id) and the last epoch write a
+    checkpoint: fast epochs do not pay for it."""
     writes = []
     spec = make_spec(epochs=4, checkpoint_every_s=3600)
     trainer = Trainer(spec, tiny_classification(), tmp_path, progress=False)
     original = trainer.save_checkpoint
     trainer.save_checkpoint = lambda: (writes.append(trainer.state.epoch), original())[1]
     trainer.run()
-    assert writes == [4]
+    assert writes == [0, 4]
 
 
 def test_regression_reports_r2(tmp_path):
@@ -180,3 +181,40 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(project, sma
     assert sorted(p.name for p in (small_disk / "run").iterdir()) == [".train.lock", CHECKPOINT]  # no temporary
     ckpt = torch.load(small_disk / "run" / CHECKPOINT, weights_only=True)  # whole, and the first epoch's
     assert ckpt["state"]["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_epoch_ends_is_continued_by_the_rerun(project):
+    """SIGKILL (no handler runs) while epoch 1 trains: the rerun resumes the same MLflow run, which ends
+    FINISHED; no run is left RUNNING and no second run appears."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import REPO
+    (project / "t.yaml").write_text("name: t\ndata: {dataset: digits}\ntask: classify\n"
+                                    "model: {kind: mlp, hidden: [8]}\ntrain: {epochs: 60, checkpoint_every_s: 3600}\n")
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "t.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    from pipeline.cli import main
+    assert main(["prepare", "digits"]) == 0
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (project / "runs/t" / CHECKPOINT).is_file():
+            time.sleep(0.1)
+        assert (project / "runs/t" / CHECKPOINT).is_file()
+    finally:
+        proc.kill()
+        proc.wait()
+    ckpt = torch.load(project / "runs/t" / CHECKPOINT, weights_only=True)
+    assert ckpt["state"]["epoch"] == 0 and ckpt["state"]["run_id"]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["RUNNING"]  # what a kill leaves
+    assert subprocess.run(cmd, cwd=project, env=env, capture_output=True).returncode == 0
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(ckpt["state"]["run_id"], "FINISHED")]
