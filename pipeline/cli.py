@@ -66,7 +66,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
-    from pipeline.engine.train import set_aside_checkpoint, train_experiment
+    from pipeline.engine.train import train_experiment
     config = _config(args)
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
@@ -75,11 +75,7 @@ def cmd_train(args) -> int:
         raise UserError(run_dir, "is a file; a run needs a folder", field="--out")
     check_store(uri)
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
-    if args.restart:
-        aside = set_aside_checkpoint(run_dir)
-        if aside is not None:
-            print(f"set the checkpoint aside as {aside}; training afresh", file=sys.stderr)
-    metrics = train_experiment(spec, args.spec, data, run_dir, uri)
+    metrics = train_experiment(spec, args.spec, data, run_dir, uri, restart=args.restart)
     final = metrics["final"].get(f"val/{metrics['main_metric']}")
     print(f"{spec.name}: {metrics['status']} after {metrics['epochs']} epochs, val/{metrics['main_metric']}="
           f"{final if final is None else round(final, 4)}, {metrics['train_time_s']:.1f}s → {run_dir}")
@@ -112,6 +108,7 @@ def cmd_compare(args) -> int:
     names = args.experiments or list(config.experiments)
     runs = Path(args.runs) if args.runs else config.paths.runs
     out = Path(args.out) if args.out else config.paths.reports
+    check_store(uri)
     table = compare(names, runs, out, uri)
     print(f"compared {len(table)} experiments → {out}")
     return 0

@@ -457,8 +457,10 @@ def mlflow_experiment_name(spec: ExperimentSpec) -> str:
 def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared, run_dir: str | Path,
                      tracking_uri: str | None, callbacks: list[EpochCallback] | None = None,
                      progress: bool = True, parent_run_id: str | None = None,
-                     extra_tags: dict[str, str] | None = None, experiment: str | None = None) -> dict:
-    """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given.
+                     extra_tags: dict[str, str] | None = None, experiment: str | None = None,
+                     restart: bool = False) -> dict:
+    """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given;
+    `restart` sets an existing checkpoint aside (renamed, kept) and trains afresh.
 
     `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
     """
@@ -480,10 +482,14 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
     check_monitor(spec, trainer, spec_path)
-    if (run_dir / CHECKPOINT).is_file():
+    if not restart and (run_dir / CHECKPOINT).is_file():
         read_checkpoint(run_dir / CHECKPOINT)  # a corrupt one is refused before the lock file is written
     try:
         with run_lock(run_dir):
+            if restart:  # under the lock: never from under a training in progress
+                aside = set_aside_checkpoint(run_dir)
+                if aside is not None:
+                    print(f"set the checkpoint aside as {aside}; training afresh", file=sys.stderr)
             metrics = trainer.run()
     except BaseException as err:
         if trainer.tracker is not None:  # no MLflow run is left RUNNING by a failure we live to see
