@@ -6,9 +6,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """A spec section: unknown fields are errors, never silently dropped."""
+    """A spec section: unknown fields are errors, never silently dropped; no number is Inf or NaN (a learning
+    rate, a noise level or a warmup of .inf validates as a float but means nothing)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ArchitectureError(ValueError):

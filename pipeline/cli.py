@@ -5,6 +5,7 @@ User mistakes end in `file: field: message` on stderr and exit status 2, without
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -12,14 +13,20 @@ import sys
 from pathlib import Path
 
 from pipeline.engine.checks import check_buildable, dataset_meta, ensure_prepared
-from pipeline.specs.errors import UserError
+from pipeline.engine.tracking import check_store
+from pipeline.specs.errors import UserError, refuse_unless_ours
 
 EXIT_USER_ERROR = 2
+EXIT_DISK_FULL = 1  # not the user's input: a plain failure status, in one line
 
 
 # ── shared steps ─────────────────────────────────────────────────────────────
 def _config(args):
-    from pipeline.specs.config import load_config
+    from pipeline.specs.config import PARAMS_FILE, load_config
+    if args.params is None:  # not given: params.yaml if there is one, else the defaults (outside a project)
+        args.params = PARAMS_FILE
+    elif not Path(args.params).is_file():  # given: a typo must not fall back to the defaults silently
+        raise UserError(args.params, "no such file", field="--params")
     return load_config(args.params)
 
 
@@ -33,6 +40,9 @@ def cmd_prepare(args) -> int:
     from pipeline.specs.config import dataset_spec
     config = _config(args)
     names = args.datasets or sorted({*config.datasets, *(e.dataset for e in config.experiments.values())})
+    if args.out and len(names) != 1:
+        raise UserError(None, f"holds one dataset, but {len(names)} would be prepared "
+                        f"({', '.join(names)}); name one dataset, or leave out --out", field="--out")
     for name in names:
         out = Path(args.out) if args.out else config.paths.data / name
         meta = prepare(name, dataset_spec(config, name, args.params), out)
@@ -103,19 +113,23 @@ def cmd_train(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
     seeds = _seeds(args, config, spec)  # before preparing data: a mistake writes nothing
     data_parallel = args.nproc > 1 or launched_by_torchrun()
     if data_parallel and len(seeds) != 1:
         raise UserError(None, f"data-parallel training trains one seed at a time, and {spec.name} has seeds "
                         f"{seeds}; add --seed K")
+    run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(run_dir, "is a file; a run needs a folder", field="--out")
+    check_store(uri)
     data_dir = _data_dir(args, config, spec.data.dataset)
     ensure_prepared(config, spec, data_dir, args.spec)  # once, before any rank or worker starts
     if args.nproc > 1:
         return launch_ranks(args, seeds[0])
-    run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
-    jobs, done = seed_jobs(spec, args.spec, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir,
-                           None if args.no_track else tracking_uri(config), args.evaluate)
+    jobs, done = seed_jobs(spec, args.spec, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir, uri,
+                           args.evaluate, restart=args.restart)
     if done:
         print(f"{spec.name}: seeds {done} already done for this spec, skipped")
     if data_parallel:
@@ -148,17 +162,18 @@ def cmd_evaluate(args) -> int:
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
     run_dir = Path(args.run) if args.run else config.paths.runs / spec.name
     seeds = _seeds(args, config, spec)
     for seed in seeds:  # before preparing data: a mistake writes nothing
         if not (seed_dir(run_dir, seed) / "checkpoint.pt").is_file():
             raise UserError(seed_dir(run_dir, seed), "no checkpoint.pt; run `archlab train` first")
+    check_store(uri)
     data = ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)
     vary_split = config.vary_of(spec.name) == "split"
     for seed in seeds:
-        result = evaluate_run(seed_spec(spec, seed, vary_split), data, seed_dir(run_dir, seed),
-                              None if args.no_track else tracking_uri(config))
+        result = evaluate_run(seed_spec(spec, seed, vary_split), data, seed_dir(run_dir, seed), uri)
         scalars = {k: round(v, 4) for k, v in result["test"].items() if isinstance(v, float)}
         print(f"{spec.name} seed {seed}: test {scalars}")
     return 0
@@ -168,12 +183,14 @@ def cmd_compare(args) -> int:
     from pipeline.reports.compare import compare
     from pipeline.specs.config import tracking_uri
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     names = args.experiments or list(config.experiments)
     runs = Path(args.runs) if args.runs else config.paths.runs
     out = Path(args.out) if args.out else config.paths.reports
     seeds = {name: config.seed_list(name, base=_base_seed(config, name)) for name in names}
-    table = compare(names, runs, out, None if args.no_track else tracking_uri(config), seeds=seeds,
-                    declared=config.comparisons, margins=config.equivalence, source=args.params)
+    check_store(uri)
+    table = compare(names, runs, out, uri, seeds=seeds, declared=config.comparisons, margins=config.equivalence,
+                    source=args.params)
     print(f"compared {len(table)} experiments → {out}")
     return 0
 
@@ -195,12 +212,17 @@ def cmd_schema(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline.specs.config import tracking_uri
-    from pipeline.specs.sweep import load_sweep
+    from pipeline.sweeps.report import REPORT_KIND
     from pipeline.sweeps.study import default_storage_url, run_sweep
+    from pipeline.specs.sweep import load_sweep
     config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     if args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")
     sweep = load_sweep(args.sweep, config.paths.specs)
+    report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
+    refuse_unless_ours(report_dir, REPORT_KIND)  # before the data is prepared: a refusal writes nothing
+    check_store(uri)
     first = next(iter(sweep.bases))
     data_dir = _data_dir(args, config, sweep.dataset)
     ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
@@ -212,9 +234,8 @@ def cmd_sweep(args) -> int:
         print(f"{sweep.name}: inputs → {args.write_inputs}")
         return 0
     storage = args.storage or default_storage_url(config.paths.sweeps, sweep.name)
-    report_dir = Path(args.out) if args.out else config.paths.reports / "sweeps" / sweep.name
     result = run_sweep(sweep, data_dir, config.paths.runs / "sweeps" / sweep.name, report_dir, storage,
-                       workers=args.workers, tracking_uri=None if args.no_track else tracking_uri(config),
+                       workers=args.workers, tracking_uri=uri,
                        specs_dir=config.paths.specs)
     if result.recovered:
         print(f"requeued trials left running by a stopped worker: {result.recovered}")
@@ -224,6 +245,10 @@ def cmd_sweep(args) -> int:
              if "trial" in best else "")
     print(f"{sweep.name}: study {result.study_name}, {result.trials} trials ({result.ran} new){shown} → {report_dir}")
     print(f"best trial per architecture ({metric}):\n{result.per_architecture}")
+    if not result.complete:
+        print(f"archlab: the budget of {sweep.name} is not spent yet (a worker died); rerun the same command to "
+              "finish it", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -236,7 +261,7 @@ def cmd_ui(args) -> int:
 # ── argument parsing ─────────────────────────────────────────────────────────
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="archlab", description="Spec-driven experiments for deep neural networks.")
-    parser.add_argument("--params", default="params.yaml", help="project settings (default: params.yaml)")
+    parser.add_argument("--params", help="project settings (default: params.yaml, if there is one)")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("prepare", help="prepare datasets into data/prepared/NAME/")
@@ -259,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun; "
                                                        "several machines: torchrun -m pipeline.cli train ...)")
+    p.add_argument("--restart", action="store_true", help="set the run's checkpoint aside (renamed, kept) and "
+                   "train afresh, e.g. after a corrupt checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate an experiment's trained seeds on the test split")
@@ -311,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("archlab: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # Every file is written atomically: what was there before (the last good checkpoint) is still whole.
+        print(f"archlab: error: {err.filename or 'a file'}: the disk is full; nothing was half-written and the "
+              "files from before (the last checkpoint) are kept: free some space and rerun to resume", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from models.tokens import EOS, FIRST_SYMBOL, PAD
 from pipeline.data.prepare import Prepared
@@ -83,6 +84,13 @@ def write_spec(folder: Path, model: str, dataset: str, task: str) -> str:
     path.write_text(f"name: t\ndata: {{dataset: {dataset}}}\ntask: {task}\nmodel: {{{model}}}\n"
                     "train: {epochs: 1}\n")
     return str(path)
+
+
+def with_fields(model: str, extra: str) -> str:
+    """The inside of a flow mapping with `extra` (', key: value, ...') merged in, a key in both taking extra's
+    value: spec loading refuses a key given twice, so tests cannot just append."""
+    merged = {**yaml.safe_load(f"{{{model}}}"), **yaml.safe_load(f"{{{extra.lstrip(', ')}}}")}
+    return yaml.safe_dump(merged, default_flow_style=True, width=10**6).strip()[1:-1]
 
 
 def reverse_batch(n: int = 16, length: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -20,8 +21,10 @@ from models.base import StrictModel
 from models.registry import DataShape
 from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, Mnist1dSource, NpzSource,
                                      NormaliseName, SequenceSource, SplitSpec, TableSource)
-from pipeline.specs.errors import UserError
+from pipeline.specs.errors import UserError, refuse_unless_ours
 from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
+
+PREPARED_KIND = "prepared dataset"  # the kind of folder replace_dir marks (pipeline/io.py)
 
 TargetKind = Literal["class", "value", "tokens"]
 
@@ -60,14 +63,26 @@ def _load_diabetes(spec: DiabetesSource) -> RawData:
     return RawData(x=d.data.astype(np.float32), y=d.target.astype(np.float32)[:, None], target="value")
 
 
+def _numeric(a: np.ndarray, where: str, field: str, what: str) -> None:
+    """Text, objects or dates where numbers belong are the user's to fix, said plainly (not a numpy traceback)."""
+    if a.dtype.kind not in "biuf":
+        raise UserError(where, f"{what} must be numbers, but they are {a.dtype} values", field=field)
+    if a.size == 0:
+        raise UserError(where, f"{what} are empty (no samples)", field=field)
+
+
 def _labels_or_values(y: np.ndarray, target: str, where: str, num_classes: int | None = None) -> tuple[np.ndarray, str, int | None]:
+    _numeric(y, where, "y", "labels or targets")
     is_int = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)
     kind = target if target != "auto" else ("class" if is_int else "value")
     if kind == "value":
         y = y.astype(np.float32)
         return (y[:, None] if y.ndim == 1 else y), "value", None
     if not is_int:
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y[np.isfinite(y)], 1) == 0):
+        if not np.isfinite(y).all():
+            raise UserError(where, f"class labels must be integers, found {int((~np.isfinite(y)).sum())} NaN or Inf",
+                            field="y")
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
             y = y.astype(np.int64)
         else:
             raise UserError(where, "class labels must be integers", field="y")
@@ -88,19 +103,32 @@ def _load_npz(spec: NpzSource) -> RawData:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise UserError(path, f"cannot read as .npz: {exc}") from None
+    if not hasattr(arrays, "files"):
+        raise UserError(path, "a single .npy array, not an .npz archive of x and y")
     for key in ("x", "y"):
         if key not in arrays:
             raise UserError(path, f"missing array {key!r} (found: {', '.join(arrays.files) or 'none'})", field=key)
-    x, y = arrays["x"], arrays["y"]
     has_test = "x_test" in arrays
     if has_test != ("y_test" in arrays):
         raise UserError(path, "x_test and y_test must come together", field="x_test")
-    x_test, y_test = (arrays["x_test"], arrays["y_test"]) if has_test else (None, None)
+    x, y = _npz_member(arrays, "x", path), _npz_member(arrays, "y", path)
+    x_test, y_test = (_npz_member(arrays, "x_test", path), _npz_member(arrays, "y_test", path)) if has_test else (None, None)
+    for key, a in (("x", x), ("x_test", x_test)):
+        if a is not None:
+            _numeric(a, str(path), key, "features")
     y, kind, k = _labels_or_values(y, spec.target, str(path), spec.num_classes)
     if has_test:
         y_test, _, _ = _labels_or_values(y_test, kind, str(path), k)
     return RawData(x=x.astype(np.float32), y=y, x_test=None if x_test is None else x_test.astype(np.float32),
                    y_test=y_test, target=kind, num_classes=k)
+
+
+def _npz_member(arrays, key: str, path: Path) -> np.ndarray:
+    """One array of an .npz; a corrupt member or an object array (which would need pickle) is the user's."""
+    try:
+        return arrays[key]
+    except Exception as exc:  # noqa: BLE001 - zlib, zipfile, numpy format errors: all mean a bad file
+        raise UserError(path, f"cannot read array {key!r}: {type(exc).__name__}: {exc}", field=key) from None
 
 
 def _load_table(spec: TableSource) -> RawData:
@@ -132,11 +160,17 @@ def _load_table(spec: TableSource) -> RawData:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UserError(path, f"cannot read: {exc}") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise UserError(path, "not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise UserError(path, f"truncated IDX header: {ndim} dimensions need {4 + 4 * ndim} bytes, the file has "
+                        f"{len(data)}")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -347,6 +381,7 @@ def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], d
 
 def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
     """Write a prepared dataset folder atomically: a failure leaves no half-written folder behind."""
+    refuse_unless_ours(out_dir, PREPARED_KIND)  # before the work of building: a refusal costs nothing
     arrays, meta = build_arrays(name, spec)
     write_prepared(arrays, meta, out_dir)
     return meta
@@ -354,13 +389,14 @@ def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
 
 def write_prepared(arrays: dict[str, np.ndarray], meta: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
+    refuse_unless_ours(out_dir, PREPARED_KIND)
 
     def fill(tmp: Path) -> None:
         buffer = _npz_bytes(arrays)
         atomic_write_bytes(tmp / "arrays.npz", buffer)
         atomic_write_json(tmp / "meta.json", meta)
 
-    replace_dir(out_dir, fill)
+    replace_dir(out_dir, fill, kind=PREPARED_KIND)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -382,17 +418,45 @@ def redraw_split(data: Prepared, seed: int) -> Prepared:
     return Prepared(meta={**data.meta, "split_seed": seed}, tensors=tensors)
 
 
+def read_meta(folder: str | Path) -> dict | None:
+    """A prepared folder's meta.json, or None where there is none; one that cannot be read is the user's to fix."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(path, f"not a prepared dataset's meta.json: {exc}") from None
+    if not isinstance(meta, dict) or not {"name", "input_shape", "output_size"} <= meta.keys():
+        raise UserError(path, "not a prepared dataset's meta.json (no name, input_shape, output_size)")
+    return meta
+
+
+def spec_changes(meta: dict, spec: StrictModel) -> list[str]:
+    """How the dataset spec a folder was prepared from differs from `spec`: ['split.seed: 0 → 1', ...]."""
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            return {k: v for key, sub in obj.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: obj}
+    was, now = flat(meta.get("spec") or {}), flat(spec.model_dump(mode="json"))
+    return [f"{key}: {was.get(key, '(unset)')} → {now.get(key, '(unset)')}"
+            for key in sorted({*was, *now}) if was.get(key) != now.get(key)]
+
+
 def load_prepared(folder: str | Path) -> Prepared:
     folder = Path(folder)
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
+    meta = read_meta(folder)
+    if meta is None:
         raise UserError(folder, "not a prepared dataset (no meta.json); run `archlab prepare` first")
-    meta = json.loads(meta_path.read_text())
     # Where the data came from (in memory only, never written to meta.json): tasks that keep artifacts
     # beside the prepared folder find it here (the feature classifier of pipeline/quality.py).
     meta["prepared_dir"] = str(folder)
-    with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
-        tensors = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+    try:
+        with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
+            tensors = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise UserError(folder / "arrays.npz", f"cannot read the prepared arrays ({type(exc).__name__}: {exc}); "
+                        "prepare the dataset again") from None
     if meta.get("target") != "tokens" and "value_range" not in meta:  # a folder prepared before it was recorded
         meta["value_range"] = [float(tensors["train_x"].min()), float(tensors["train_x"].max())]
     return Prepared(meta=meta, tensors=tensors)

@@ -55,6 +55,7 @@ class SeedJob:
     tracking_uri: str | None
     evaluate: bool
     threads: int | None = None  # None: keep the process's own setting
+    restart: bool = False  # set a (corrupt) checkpoint aside and train afresh
 
 
 def run_seed(job: SeedJob) -> dict:
@@ -71,6 +72,7 @@ def run_seed(job: SeedJob) -> dict:
     data = load_prepared(job.data_dir)
     tags = {"archlab.experiment": spec.name, "archlab.seed": str(job.seed)}
     metrics = train_experiment(spec, job.spec_path, data, job.run_dir, job.tracking_uri, progress=False,
+                               restart=job.restart,
                                extra_tags=tags, run_name=f"{spec.name}/seed-{job.seed}")
     if job.evaluate:
         evaluate_run(spec, data, job.run_dir, job.tracking_uri)
@@ -121,7 +123,8 @@ def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiment: str |
 
 
 def seed_jobs(spec: ExperimentSpec, spec_path: str | Path, seeds: list[int], vary_split: bool, data_dir: Path,
-              run_dir: Path, tracking_uri: str | None, evaluate: bool) -> tuple[list[SeedJob], list[int]]:
+              run_dir: Path, tracking_uri: str | None, evaluate: bool,
+              restart: bool = False) -> tuple[list[SeedJob], list[int]]:
     """(jobs still to run, seeds already done for this spec)."""
     jobs, done = [], []
     for seed in seeds:
@@ -129,5 +132,6 @@ def seed_jobs(spec: ExperimentSpec, spec_path: str | Path, seeds: list[int], var
         if is_done(seed_spec(spec, seed, vary_split), folder, evaluate):
             done.append(seed)
         else:
-            jobs.append(SeedJob(str(spec_path), seed, vary_split, str(data_dir), str(folder), tracking_uri, evaluate))
+            jobs.append(SeedJob(str(spec_path), seed, vary_split, str(data_dir), str(folder), tracking_uri, evaluate,
+                                restart=restart))
     return jobs, done

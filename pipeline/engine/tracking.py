@@ -4,6 +4,7 @@ MLflow is imported lazily: `archlab validate` and the tests that do not track sh
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -65,6 +66,26 @@ def source_tags(source: str | Path, description: str | None = None) -> dict[str,
     if description:
         tags[MLFLOW_RUN_NOTE] = description
     return tags
+
+
+def check_store(uri: str | None) -> None:
+    """Read a local MLflow store's file once before anything is written: a corrupt mlflow.db is one clear line,
+    not a SQLAlchemy traceback after a run folder was made. A missing file is fine (MLflow makes one); a
+    server is not probed (MLflow retries a dead one for minutes)."""
+    if uri is None or not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    from pipeline.specs.errors import UserError
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:  # read-only
+            db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        raise UserError(uri, f"the MLflow store cannot be opened ({exc}); move {path} aside (MLflow makes a "
+                        "new one) or set tracking_uri") from None
 
 
 def metric_key(name: str) -> str:

@@ -7,11 +7,13 @@ states, history, MLflow run id) is written at the end of an epoch, at most every
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -33,6 +35,7 @@ from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tracking import Tracker
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
 from pipeline.specs.metrics import Mode, is_better
 
@@ -239,7 +242,7 @@ class Trainer:
         # Ranks load rank 0's copy: on several machines only rank 0's holds the run folder.
         found = self.ranks.is_main and path.is_file()
         where = "cpu" if self.ranks.active else self.device
-        ckpt = self.ranks.from_main(torch.load(path, map_location=where, weights_only=True) if found else None)
+        ckpt = self.ranks.from_main(read_checkpoint(path, where) if found else None)
         if ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash():
             return False
         self.model.load_state_dict(ckpt["model"])
@@ -315,6 +318,8 @@ class Trainer:
             self.tracker = self.open_tracker(self.state.run_id or self.claimed_run_id())
             self.state.run_id = self.tracker.run_id
             self.claim_run_id()
+        if not resumed:  # epoch 0: a kill before the first epoch ends still resumes this very MLflow run
+            self.save_checkpoint()
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the budget that binds, in epochs
         shown = self.show_progress and self.ranks.is_main
         progress = Progress(spec.name, epochs, self.state.epoch) if shown else None
@@ -461,6 +466,48 @@ def history_csv(history: list[dict]) -> str:
 
 
 # ── one experiment, end to end (what `archlab train` calls) ──────────────────
+LOCK = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder while training it: a second training of the same run stops with exit 2 naming the
+    holder, instead of both training to the end into one folder and two MLflow runs. The kernel drops the
+    lock when its process dies, so a killed run never leaves it stale."""
+    import fcntl
+    import socket
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(run_dir, f"is being trained by {holder}; wait for it to end or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_monitor(spec: ExperimentSpec, trainer: Trainer, source: str | Path) -> None:
+    """Early stopping must watch a metric the history will hold: a name that never appears would stop
+    training after one epoch. Checked on two validation samples before anything is written."""
+    es = spec.train.early_stopping
+    if es is None:
+        return
+    names = list(evaluate_split(trainer.model, trainer.task, trainer.val_x[:2], trainer.val_y[:2]))
+    known = [f"{part}/{name}" for part in ("val", "train") for name in names]
+    if es.monitor not in known:
+        raise UserError(source, f"{es.monitor!r} is not a metric of task {spec.task}; it reports: "
+                        f"{', '.join(known)}", field="train.early_stopping.monitor")
+
+
 def mlflow_experiment_name(spec: ExperimentSpec) -> str:
     return f"{spec.data.dataset}/{spec.task}"
 
@@ -469,8 +516,9 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
                      tracking_uri: str | None, callbacks: list[EpochCallback] | None = None,
                      progress: bool = True, parent_run_id: str | None = None,
                      extra_tags: dict[str, str] | None = None, experiment: str | None = None,
-                     run_name: str | None = None) -> dict:
-    """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given.
+                     run_name: str | None = None, restart: bool = False) -> dict:
+    """Train (or resume) one experiment into run_dir, tracked in MLflow when tracking_uri is given;
+    `restart` sets an existing checkpoint aside (renamed, kept) and trains afresh.
 
     `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
     """
@@ -480,19 +528,37 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     run_dir = Path(run_dir)
 
     def open_tracker(run_id: str | None) -> Tracker:
+        tags = {"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
+                "spec_hash": spec.spec_hash(), "data_hash": data.meta.get("content_hash", ""),
+                **source_tags(spec_path, spec.description), **(extra_tags or {})}
+        # Tagged as it is created: a run interrupted a moment later can still be found by its tags.
         tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id,
-                          run_name=run_name or spec.name, parent_run_id=parent_run_id)
+                          run_name=run_name or spec.name, parent_run_id=parent_run_id, tags=tags)
         fresh = tracker.run_id != run_id
         tracker.log_params(spec_params(spec.model_dump(mode="json")))
-        tracker.set_tags({"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
-                          "spec_hash": spec.spec_hash(), "data_hash": data.meta.get("content_hash", ""),
-                          **source_tags(spec_path, spec.description), **(extra_tags or {})})
+        tracker.set_tags(tags)  # a resumed run too
         if fresh:
             tracker.log_dataset(data.meta)
         return tracker
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
-    metrics = trainer.run()
+    check_monitor(spec, trainer, spec_path)
+    main = trainer.ranks.is_main  # rank 0 alone holds the run folder: its lock, its checkpoint
+    if main and not restart and (run_dir / CHECKPOINT).is_file():
+        read_checkpoint(run_dir / CHECKPOINT)  # a corrupt one is refused before the lock file is written
+    try:
+        with run_lock(run_dir) if main else contextlib.nullcontext():
+            if restart and main:  # under the lock: never from under a training in progress
+                aside = set_aside_checkpoint(run_dir)
+                if aside is not None:
+                    print(f"set the checkpoint aside as {aside}; training afresh", file=sys.stderr)
+            metrics = trainer.run()
+    except BaseException as err:
+        if trainer.tracker is not None:  # no MLflow run is left RUNNING by a failure we live to see
+            with contextlib.suppress(Exception):
+                # Epochs after the last checkpoint are not sent: a resume trains and logs them again.
+                trainer.tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", flush=False)
+        raise
     train_times = trainer.ranks.gather(trainer.state.train_time_s)  # every rank joins, before rank 0 goes on
     if not trainer.ranks.is_main:
         return metrics
@@ -528,11 +594,38 @@ def log_model_of(trainer: Trainer, tracker: Tracker, tracking_uri: str) -> None:
     tracker.set_tags({"model_log_s": f"{seconds:.2f}"})
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A run's checkpoint; a truncated, empty or garbage file is a UserError that says how to go on."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "state"} <= ckpt.keys():
+            raise ValueError("not an archlab checkpoint")
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors alike: the file is unusable
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(path, f"the checkpoint cannot be read ({reason}); `archlab train SPEC --restart` sets it "
+                        "aside (kept, renamed) and trains afresh") from None
+    return ckpt
+
+
+def set_aside_checkpoint(run_dir: str | Path) -> Path | None:
+    """Move a run's checkpoint to a new name beside it (never over another file) → where it went."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for n in range(1000):
+        aside = path.with_name(f"{CHECKPOINT}.set-aside-{stamp}" + (f"-{n}" if n else ""))
+        if not aside.exists():
+            os.rename(path, aside)
+            return aside
+    raise UserError(path, "too many set-aside checkpoints beside it; remove some")
+
+
 def load_checkpoint_model(spec: ExperimentSpec, data: Prepared, run_dir: str | Path,
                           device: torch.device | None = None) -> tuple[nn.Module, dict]:
     """The trained model of a run (best weights under early stopping) and its saved state."""
     device = device or pick_device(spec.train.device)
-    ckpt = torch.load(Path(run_dir) / CHECKPOINT, map_location=device, weights_only=True)
+    ckpt = read_checkpoint(Path(run_dir) / CHECKPOINT, device)
     model = build_model(spec.model, data.shape).to(device)
     state = ckpt["state"]
     weights = state["best_weights"] if state.get("best_weights") and state["status"] != "diverged" else ckpt["model"]

@@ -21,7 +21,7 @@ from pipeline.engine.verdicts import FLAG_NAMES
 from pipeline.io import atomic_write_text, replace_dir
 from pipeline.reports.records import (RunRecord, finite, group_by_dataset_task, leaderboard_row, load_run,
                                       loss_quantities)
-from pipeline.specs.errors import UserError
+from pipeline.specs.errors import UserError, refuse_unless_ours
 
 LEADERBOARD = "leaderboard.csv"
 COMPARISONS = "comparisons.csv"
@@ -29,6 +29,7 @@ EVIDENCE = "evidence.json"
 COMPARISON_MD = "comparison.md"
 COMPARISON_HTML = "comparison.html"
 FIGURES = "figures"
+FIGURES_KIND = "report figures"  # the kind of folder replace_dir marks (pipeline/io.py)
 PLOTS = "plots"
 SCORES = "scores"
 # leaderboard column → key in scores/NAME.json. The gaps are validation minus training at the final epoch.
@@ -538,6 +539,9 @@ def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str |
     pairs always compared; `margins` the practical-equivalence margin per metric."""
     from pipeline.reports.document import render_html, render_markdown
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(out_dir, "is a file; the reports need a folder")
+    refuse_unless_ours(out_dir / FIGURES, FIGURES_KIND)
     seeds = seeds or {}
     records = [load_run(name, Path(runs_dir), seeds.get(name)) for name in names]
     check_declared(list(declared), records, source)
@@ -545,7 +549,8 @@ def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str |
     frame = leaderboard_frame(records)
     holder = {}
     # Figures are drawn into a fresh folder swapped in whole: no stale figure of a dropped experiment stays.
-    replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder, comparisons)))
+    replace_dir(out_dir / FIGURES, lambda folder: holder.setdefault("report", build_report(records, folder, comparisons)),
+                kind=FIGURES_KIND)
     report = holder["report"]
     write_plot_data(records, out_dir)
     write_scores(records, out_dir)

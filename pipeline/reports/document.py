@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +63,12 @@ class Report:
 
 
 # ── markdown ─────────────────────────────────────────────────────────────────
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def md_escape(text: str) -> str:
+    """User text made inert in Markdown, as html.escape makes it in HTML: tags, links, code, emphasis and
+    table pipes print as typed (a name or description holding `<script>` stays text)."""
+    inert = html.escape(str(text).replace("\n", " "), quote=False)  # & < >
+    return re.sub(r"([\\`*\[\]|])", r"\\\1", inert)
+
 
 
 def _md_cell(cell: Cell) -> str:
@@ -71,15 +76,15 @@ def _md_cell(cell: Cell) -> str:
     out = []
     for part in parts:
         if isinstance(part, Link):
-            title = f' "{_md_escape(part.title).replace(chr(34), chr(39))}"' if part.title else ""
-            out.append(f"[{_md_escape(part.text)}](#{part.anchor}{title})")
+            title = f' "{md_escape(part.title).replace(chr(34), chr(39))}"' if part.title else ""
+            out.append(f"[{md_escape(part.text)}](#{part.anchor}{title})")
         else:
-            out.append(_md_escape(part))
+            out.append(md_escape(part))
     return ", ".join(out) if isinstance(cell, list) else (out[0] if out else "")
 
 
 def markdown_table(table: Table) -> str:
-    header = "| " + " | ".join(_md_escape(c) for c in table.columns) + " |"
+    header = "| " + " | ".join(md_escape(c) for c in table.columns) + " |"
     rule = "|" + "|".join("---:" if i in table.numeric else "---" for i in range(len(table.columns))) + "|"
     rows = ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
     return "\n".join([header, rule, *rows])
@@ -100,9 +105,9 @@ def render_markdown(report: Report) -> str:
         for item in section.items:
             lines += [f'<a id="{item.anchor}"></a>', "", f"### {item.title}", ""]
             if isinstance(item, FigureRef):
-                lines += [f"![{_md_escape(item.caption)}]({item.path})", "", f"*{item.caption}*", ""]
+                lines += [f"![{md_escape(item.caption)}]({item.path})", "", f"*{md_escape(item.caption)}*", ""]
             else:
-                lines += [f"*{item.caption}*", "", "```text", item.text.replace("```", "'''"), "```", ""]
+                lines += [f"*{md_escape(item.caption)}*", "", "```text", item.text.replace("```", "'''"), "```", ""]
     if report.legend:
         lines += ["## How to read the flags", ""] + [f"- **{term}**: {meaning}" for term, meaning in report.legend]
     return "\n".join(lines).rstrip() + "\n"

@@ -105,6 +105,10 @@ def load_config(path: str | Path = PARAMS_FILE) -> ProjectConfig:
         raise from_validation_error(path, err, tags) from None
 
 
+def knows_dataset(config: ProjectConfig, name: str) -> bool:
+    return name in config.datasets or name in BUILTIN_DATASETS
+
+
 def dataset_spec(config: ProjectConfig, name: str, source: str | Path = PARAMS_FILE):
     if name in config.datasets:
         return config.datasets[name]
@@ -115,5 +119,15 @@ def dataset_spec(config: ProjectConfig, name: str, source: str | Path = PARAMS_F
                     f"{', '.join(known)}", field="data.dataset")
 
 
-def tracking_uri(config: ProjectConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+# What MLflow can open; anything else fails deep inside MLflow after a run folder was made.
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def tracking_uri(config: ProjectConfig, source: str | Path = PARAMS_FILE) -> str:
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = from_env or config.tracking_uri
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+    if scheme not in TRACKING_SCHEMES:
+        raise UserError("MLFLOW_TRACKING_URI" if from_env else source, f"unknown scheme {scheme!r} in {uri!r}; use one "
+                        f"of: {', '.join(TRACKING_SCHEMES)}", field=None if from_env else "tracking_uri")
+    return uri

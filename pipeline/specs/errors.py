@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from pipeline.io import why_not_replaceable
+
 
 class UserError(Exception):
     """A mistake in a spec, a data file or a command line. Never a bug of ours."""
@@ -104,3 +106,11 @@ def field_names(schema: dict, loc: tuple) -> list[str]:
         else:
             return []
     return list(node.get("properties", {}))
+
+
+def refuse_unless_ours(path: str | Path, kind: str, field: str | None = None) -> None:
+    """A UserError naming `path` unless archlab may replace it with a folder of this kind (pipeline/io.py):
+    archlab never deletes or replaces what it cannot prove it made."""
+    reason = why_not_replaceable(path, kind)
+    if reason is not None:
+        raise UserError(path, reason, field=field)

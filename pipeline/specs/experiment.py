@@ -1,6 +1,7 @@
 """ExperimentSpec: one YAML file per experiment, validated by Pydantic, loaded with clear errors."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,8 @@ from pipeline.specs.metrics import Mode
 
 # A name becomes a folder and an MLflow run name: no slashes, no dots, no leading dash.
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+MAX_SEED = 2**32 - 1  # numpy's seed range: a larger seed validates as an int but crashes training
 TaskName = Literal["classify", "regress", "seq2seq", "lm", "reconstruct", "generate"]
 
 
@@ -40,7 +43,8 @@ class OptimizerSpec(StrictModel):
                       "about how many connections the network uses. 0 (the default): no penalty.")
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
     nesterov: bool = Field(default=False, description="Nesterov momentum (sgd only).")
-    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam betas (adam, adamw only).")
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), description="Adam betas (adam, adamw only), each in "
+                                     "[0, 1).")
 
 
 class ScheduleSpec(StrictModel):
@@ -81,7 +85,7 @@ class TrainSpec(StrictModel):
     early_stopping: EarlyStoppingSpec | None = Field(default=None, description="Stop when the monitored metric "
                                                      "stalls; the best epoch's weights are kept.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-time data augmentation.")
-    seed: int = Field(default=0, ge=0, description="Seed for initialisation, batching and dropout.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed for initialisation, batching and dropout.")
     deterministic: bool = Field(default=False, description="Ask PyTorch for deterministic kernels (slower on GPU).")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when there is one, "
                                                    "else cpu.")
@@ -177,17 +181,47 @@ def union_tags() -> frozenset[str]:
     return frozenset(tags)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key: the base class says so
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; a bigger file is not one
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping safely; a missing, empty or malformed file is a UserError naming it."""
+    """Read a YAML mapping safely; a missing, empty, binary, non-UTF-8 or malformed file, a key given twice and
+    nesting too deep to parse are each a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(path, "file not found")
+    data = path.read_bytes()
+    if len(data) > MAX_SPEC_BYTES:
+        raise UserError(path, f"{len(data):,} bytes: too big for a YAML spec (at most {MAX_SPEC_BYTES:,})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(path, f"not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8") from None
+    if "\x00" in text:
+        raise UserError(path, "a binary file (it holds NUL bytes), not a YAML spec")
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise UserError(path, f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise UserError(path, "invalid YAML: nested too deeply to read") from None
     if raw is None:
         raise UserError(path, "the file is empty; an experiment spec needs at least name, data, task and model")
     if not isinstance(raw, dict):
@@ -195,7 +229,21 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+MAX_INT = 2**53  # past this no size, count or seed means anything, and torch overflows in C++
+
+
+def check_int_sizes(raw, source: str | Path, path: str = "") -> None:
+    """Refuse an integer too large to mean anything, naming its field, before any number reaches torch."""
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for key, value in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise UserError(source, f"{value} is too large (at most {MAX_INT:,})", field=where)
+        check_int_sizes(value, source, where)
+
+
 def parse_spec(raw: dict, source: str | Path) -> ExperimentSpec:
+    check_int_sizes(raw, source)
     try:
         return ExperimentSpec.model_validate(raw)
     except ValidationError as err:

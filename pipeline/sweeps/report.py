@@ -14,6 +14,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.io import atomic_write_json, atomic_write_text, replace_dir
+from pipeline.reports.document import md_escape
+from pipeline.specs.errors import refuse_unless_ours
 from pipeline.specs.metrics import is_better, mode_of_direction
 from pipeline.specs.sweep import COST_KEYS, CategoricalDim, Sweep
 from pipeline.sweeps.space import build_trial_spec, values_from_params
@@ -141,8 +143,8 @@ def markdown_table(df: pd.DataFrame) -> str:
             return ""
         if isinstance(v, float):
             return f"{v:.4g}"
-        return str(v).replace("|", "\\|")
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+        return md_escape(v)
+    lines = ["| " + " | ".join(md_escape(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
@@ -340,7 +342,11 @@ def export_best_specs(study, sweep: Sweep, folder: Path, final_folder: Path, spe
 
 
 # ── the report ───────────────────────────────────────────────────────────────
+REPORT_KIND = "sweep report"  # the kind of folder replace_dir marks (pipeline/io.py)
+
+
 def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir: Path = Path("specs")) -> None:
+    refuse_unless_ours(out_dir, REPORT_KIND)
     table = trials_table(study, sweep)
     best = best_table(study, sweep, table)
     pareto = pareto_numbers(study)
@@ -370,7 +376,7 @@ def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir
         atomic_write_json(folder / "summary.json", summary)
         atomic_write_text(folder / "README.md", _readme(sweep, study, storage_url, best, figures, out_dir))
 
-    replace_dir(out_dir, fill)
+    replace_dir(out_dir, fill, kind=REPORT_KIND)
 
 
 def _readme(sweep: Sweep, study, storage_url: str, best: pd.DataFrame, figures: dict[str, bool],
@@ -378,7 +384,7 @@ def _readme(sweep: Sweep, study, storage_url: str, best: pd.DataFrame, figures: 
     shown = best.drop(columns=[c for c in ("sampled",) if c in best])
     objective = sweep.spec.objective
     costs = f", minimise {', '.join(objective.costs)} (Pareto front)" if objective.costs else ""
-    lines = [f"# Sweep {sweep.name}", "", sweep.spec.description, "",
+    lines = [f"# Sweep {sweep.name}", "", md_escape(sweep.spec.description), "",
              f"Study `{study.study_name}` in `{storage_url}`; objective: {objective.direction} "
              f"`{objective.metric}`{costs}.", "",
              f"Open it in the dashboard: `{dashboard_command(storage_url)}`", "",
@@ -387,7 +393,8 @@ def _readme(sweep: Sweep, study, storage_url: str, best: pd.DataFrame, figures: 
              ""]
     if "sampled" in best:
         lines += ["Parameters of each best trial:", ""]
-        lines += [f"- {row.candidate}: {row.sampled}" for row in best.itertuples() if isinstance(row.sampled, str)]
+        lines += [f"- {md_escape(row.candidate)}: {md_escape(row.sampled)}" for row in best.itertuples()
+                  if isinstance(row.sampled, str)]
         lines.append("")
     made = [name for name, ok in figures.items() if ok]
     if made:

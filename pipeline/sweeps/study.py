@@ -14,14 +14,15 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ def open_storage(url: str):
                 return optuna.storages.RDBStorage(url)
         return optuna.storages.RDBStorage(url)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(url))
+    path = Path(url).resolve()  # absolute: a relative one makes the lock's symlink dangle, and a stale lock
+    path.parent.mkdir(parents=True, exist_ok=True)  # left by a killed worker is then never broken (a hang)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def lock_path(url: str) -> Path | None:
@@ -191,15 +193,37 @@ def requeue(study, trial) -> bool:
     return True
 
 
-def recover_interrupted(study) -> list[int]:
-    """Trials left RUNNING by a worker that died: marked failed (interrupted) and queued again."""
+def recover_interrupted(study, on_recovered: Callable[[Any], None] | None = None) -> list[int]:
+    """Trials left RUNNING by a worker that died: marked failed (interrupted) and queued again;
+    `on_recovered(trial)` then tidies what else the dead worker left (its MLflow run)."""
     from optuna.trial import TrialState
     host, now = socket.gethostname(), time.time()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _is_orphan(trial, host, now) and requeue(study, trial):
             recovered.append(trial.number)
+            if on_recovered is not None:
+                on_recovered(trial)
     return recovered
+
+
+def end_orphan_runs(tracking_uri: str | None, sweep_name: str, study_name: str) -> Callable[[Any], None] | None:
+    """A hook for recover_interrupted: the MLflow runs a dead worker left RUNNING for a trial are marked
+    KILLED (a retry that resumes the trial's checkpoint reopens its run)."""
+    if tracking_uri is None:
+        return None
+
+    def end(trial) -> None:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(mlflow_experiment(sweep_name))
+        if exp is None:
+            return
+        for run in client.search_runs([exp.experiment_id], filter_string=(
+                f"tags.`sweep.study` = '{study_name}' and tags.`sweep.trial` = '{trial.number}' and "
+                "attributes.status = 'RUNNING'")):
+            client.set_terminated(run.info.run_id, "KILLED")
+    return end
 
 
 def trials_used(study) -> int:
@@ -279,10 +303,11 @@ def run_worker(job: SweepJob) -> int:
     data = load_prepared(job.data_dir)
     study = _load_study(job, sweep)
     host, pid = socket.gethostname(), os.getpid()
+    tidy = end_orphan_runs(job.tracking_uri, sweep.name, job.study_name)
     ran = 0
     while True:
         with budget_lock(job.storage_url, job.study_name):
-            recover_interrupted(study)
+            recover_interrupted(study, tidy)
             if not _budget_left(study, sweep, job):
                 break
             trial = study.ask()
@@ -544,6 +569,8 @@ class SweepResult:
     recovered: list[int]
     best: dict[str, Any]
     per_architecture: str  # the best trial of each candidate, a text table for the terminal
+    complete: bool = True  # the budget is spent (False: a worker died and the rest stopped short of it)
+    dead_workers: list[str] = field(default_factory=list)  # one line each
 
 
 def preflight(sweep: Sweep, data) -> None:
@@ -596,20 +623,62 @@ def _parent_run(sweep: Sweep, study, tracking_uri: str | None):
     return tracker
 
 
-def _spawn_workers(jobs: list[SweepJob]) -> list[int]:
+def _spawn_workers(jobs: list[SweepJob], on_exit: Callable[[int, int], None]) -> list[int]:
+    """Run the workers to the end → their exit codes; `on_exit(worker, code)` as each one ends. Ctrl-C or
+    SIGTERM stops every one of them."""
     import multiprocessing
+    from multiprocessing.connection import wait
     ctx = multiprocessing.get_context("spawn")  # forking a process that holds torch threads is unsafe
     procs = [ctx.Process(target=_worker_main, args=(job,), name=f"sweep-worker-{job.worker}") for job in jobs]
-    for p in procs:
-        p.start()
+    in_main = threading.current_thread() is threading.main_thread()  # only there may a handler be set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None  # SIGTERM stops the workers too
     try:
         for p in procs:
-            p.join()
+            p.start()
+        running = dict(enumerate(procs))
+        while running:
+            # Reap each worker as it ends: a dead one left a zombie looks alive to the others' pid check,
+            # and its trial would wait for the end of the sweep to be taken up again.
+            ended = wait([p.sentinel for p in running.values()])
+            for worker, p in [(k, p) for k, p in running.items() if p.sentinel in ended]:
+                p.join()
+                del running[worker]
+                on_exit(worker, p.exitcode)
     except KeyboardInterrupt:
-        for p in procs:  # they got the same SIGINT from the terminal: let them queue their trials again
-            p.join(timeout=30)
+        _stop_workers(procs)
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return [p.exitcode for p in procs]
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_workers(procs) -> None:
+    """Workers got the terminal's SIGINT too and queue their trials again; one that does not stop is asked
+    again, then terminated, then killed, so that nothing outlives the sweep."""
+    deadline = time.monotonic() + 10
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for ask, wait in ((lambda p: os.kill(p.pid, signal.SIGINT), 20), (lambda p: p.terminate(), 5),
+                      (lambda p: p.kill(), 5)):
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            with contextlib.suppress(ProcessLookupError):
+                ask(p)
+        for p in alive:
+            p.join(timeout=wait)
+
+
+def _worker_death(worker: int, code: int) -> str | None:
+    """One line for a worker that did not end by itself (killed by a signal, or crashed); None if it did."""
+    if code in (0, 2):  # done, or stopped on a user error it reported itself
+        return None
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"crashed (exit status {code})"
+    return f"sweep worker {worker} {how}; its trial is queued again and the other workers went on"
 
 
 def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_dir: str | Path,
@@ -617,12 +686,15 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
               specs_dir: str | Path = "specs") -> SweepResult:
     """Create or continue the study, run K workers until the budget is spent, then write the report."""
     from pipeline.data.prepare import load_prepared
-    from pipeline.sweeps.report import best_summary, terminal_table, write_report
+    from pipeline.specs.errors import refuse_unless_ours
+    from pipeline.sweeps.report import REPORT_KIND, best_summary, terminal_table, write_report
+    refuse_unless_ours(report_dir, REPORT_KIND)  # before any trial: the report must have somewhere to go
     data = load_prepared(data_dir)
     preflight(sweep, data)
     study = open_study(sweep, storage_url, sweep.spec.seed)
+    tidy = end_orphan_runs(tracking_uri, sweep.name, study.study_name)
     with budget_lock(storage_url, sweep.study_name):
-        recovered = recover_interrupted(study)
+        recovered = recover_interrupted(study, tidy)
         if sweep.spec.sampler.name == "grid":
             for point in grid_points(sweep):
                 study.enqueue_trial(point, skip_if_exists=True)
@@ -634,20 +706,32 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
                      study_name=sweep.study_name, data_dir=str(data_dir), runs_dir=str(runs_dir),
                      tracking_uri=tracking_uri, parent_run_id=parent.run_id if parent else None, deadline=deadline,
                      seed=sweep.spec.seed + 1000 * k + before, threads=threads, worker=k) for k in range(workers)]
+    dead: list[str] = []
     try:
         if workers == 1:
             run_worker(SweepJob(**{**jobs[0].__dict__, "threads": None}))  # in-process: keep this process's threads
         else:
-            codes = _spawn_workers(jobs)
+            def on_exit(worker: int, code: int) -> None:
+                line = _worker_death(worker, code)
+                if line is not None:
+                    print(f"archlab: {line}", file=sys.stderr)
+                    dead.append(line)
+                    with budget_lock(storage_url, sweep.study_name):  # its trial and MLflow run, now, not at the end
+                        recovered.extend(recover_interrupted(study, tidy))
+
+            codes = _spawn_workers(jobs, on_exit)
             if any(code == 2 for code in codes):
                 raise UserError(sweep.path, "a worker stopped on an error in the sweep (see above)")
-            if any(code != 0 for code in codes):
-                raise RuntimeError(f"sweep workers exited with {codes}")
     except BaseException:
+        with contextlib.suppress(Exception), budget_lock(storage_url, sweep.study_name):
+            recover_interrupted(study, tidy)  # what stopped workers left running: failed, queued, runs KILLED
         if parent is not None:
             parent.end("KILLED")
         raise
     study = open_study(sweep, storage_url, sweep.spec.seed)
+    with budget_lock(storage_url, sweep.study_name):
+        recovered += recover_interrupted(study, tidy)  # a dead worker's trial the survivors did not take up
+    complete = not _budget_left(study, sweep, jobs[0])
     write_report(study, sweep, Path(report_dir), storage_url, specs_dir=Path(specs_dir))
     best = best_summary(study, sweep)
     if parent is not None:
@@ -656,6 +740,7 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
         for path in sorted(Path(report_dir).iterdir()):
             if path.is_file():
                 parent.log_artifact(path, "report")
-        parent.end("FINISHED")
+        parent.end("FINISHED" if complete else "KILLED")
     return SweepResult(study.study_name, storage_url, Path(report_dir), trials_used(study),
-                       trials_used(study) - before, recovered, best, terminal_table(study, sweep))
+                       trials_used(study) - before, recovered, best, terminal_table(study, sweep), complete=complete,
+                       dead_workers=dead)

@@ -9,7 +9,7 @@ from models.registry import DataShape
 from models.resnet import ResidualBlock, ResNetSpec
 from pipeline.cli import main
 from pipeline.engine.tasks import make_task
-from tests.conftest import fit_losses, validate_error, write_spec as write_spec_file
+from tests.conftest import fit_losses, validate_error, with_fields, write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10)
 SIGNAL = DataShape(input_shape=(40,), output_size=3)
@@ -191,7 +191,7 @@ MODEL = "kind: resnet, stem_channels: 4, stages: [{width: 8, blocks: 1, stride: 
 
 
 def write_spec(folder, dataset="digits", task="classify", extra=""):
-    return write_spec_file(folder, MODEL + extra, dataset, task)
+    return write_spec_file(folder, with_fields(MODEL, extra), dataset, task)
 
 
 def test_a_valid_resnet_spec(project, capsys):

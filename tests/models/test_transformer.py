@@ -11,7 +11,7 @@ from models.transformer import DecoderOnly, EncoderDecoder, TransformerSpec
 from pipeline.cli import main
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.seq2seq import teacher_forcing_input
-from tests.conftest import fit_losses, reverse_batch, validate_error, write_spec as write_spec_file
+from tests.conftest import fit_losses, reverse_batch, validate_error, with_fields, write_spec as write_spec_file
 
 SIGNAL = DataShape(input_shape=(40,), output_size=10)
 SEQ2SEQ = DataShape(input_shape=(6,), output_size=9, vocab_size=9, max_len=6, target_len=7)
@@ -160,8 +160,8 @@ def test_served_tasks_follow_the_shape():
 
 
 def write_spec(folder, dataset, task, shape, extra=""):
-    return write_spec_file(folder, f"kind: transformer, shape: {shape}, d_model: 16, heads: 2, layers: 1{extra}",
-                           dataset, task)
+    return write_spec_file(folder, with_fields(f"kind: transformer, shape: {shape}, d_model: 16, heads: 2, layers: 1",
+                                               extra), dataset, task)
 
 
 @pytest.mark.parametrize("dataset,task,shape", [("digits", "classify", "encoder"),

@@ -10,7 +10,7 @@ from models.registry import DataShape
 from models.vit import ViTSpec
 from pipeline.cli import main
 from pipeline.engine.tasks import make_task
-from tests.conftest import fit_losses, validate_error, write_spec as write_spec_file
+from tests.conftest import fit_losses, validate_error, with_fields, write_spec as write_spec_file
 
 DIGITS = DataShape(input_shape=(1, 8, 8), output_size=10)
 
@@ -89,7 +89,7 @@ MODEL = "kind: vit, d_model: 16, heads: 2, depth: 1"  # the smallest valid one; 
 
 
 def write_spec(folder, dataset="digits", task="classify", extra=""):
-    return write_spec_file(folder, MODEL + extra, dataset, task)
+    return write_spec_file(folder, with_fields(MODEL, extra), dataset, task)
 
 
 def test_a_valid_vit_spec(project, capsys):

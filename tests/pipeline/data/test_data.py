@@ -179,3 +179,20 @@ def test_bad_data_exits_2_with_a_clear_message_and_writes_nothing(case, project,
     assert words in err, err
     assert "Traceback" not in err
     assert not (project / "data").exists()
+
+
+def test_a_prepared_folder_from_another_split_is_prepared_again_when_archlab_made_it(project, capsys):
+    """Stale data is never used silently: params.yaml's dataset spec changed, so the verb prepares anew."""
+    from pipeline.engine.checks import ensure_prepared
+    from pipeline.specs.config import load_config
+    from pipeline.specs.experiment import load_spec
+    assert main(["prepare", "digits"]) == 0
+    old = json.loads((project / "data/prepared/digits/meta.json").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params.setdefault("datasets", {})["digits"] = {"source": "digits", "split": {"seed": 7}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    capsys.readouterr()
+    data = ensure_prepared(load_config(), load_spec("specs/digits_mlp.yaml"), project / "data/prepared/digits",
+                           "specs/digits_mlp.yaml")
+    assert "split.seed: 0 → 7" in capsys.readouterr().err
+    assert data.meta["spec"]["split"]["seed"] == 7 and data.meta["content_hash"] != old["content_hash"]

@@ -1,6 +1,7 @@
 """The engine: resume equals an uninterrupted run, divergence is a result, budgets and schedules hold."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -122,14 +123,15 @@ def test_schedules_warm_up_linearly_then_follow_their_shape(name):
 
 
 def test_checkpoints_are_rate_limited(tmp_path):
-    """With a long interval only the last epoch writes a checkpoint: fast epochs do not pay for it."""
+    """With a long interval only the start (epoch 0, which pins the MLflow run id) and the last epoch write a
+    checkpoint: fast epochs do not pay for it."""
     writes = []
     spec = make_spec(epochs=4, checkpoint_every_s=3600)
     trainer = Trainer(spec, tiny_classification(), tmp_path, progress=False)
     original = trainer.save_checkpoint
     trainer.save_checkpoint = lambda: (writes.append(trainer.state.epoch), original())[1]
     trainer.run()
-    assert writes == [4]
+    assert writes == [0, 4]
 
 
 def test_regression_reports_r2(tmp_path):
@@ -169,3 +171,87 @@ def test_an_l1_penalty_drives_weights_to_near_zero_and_spares_the_biases(tmp_pat
 def test_l1_must_not_be_negative():
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         make_spec(optimizer={"l1": -0.1})
+
+
+def test_restart_sets_a_corrupt_checkpoint_aside_and_trains_afresh(project, capsys):
+    from pipeline.cli import main
+    run = project / "runs" / "t" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"\x00garbage")
+    spec = "name: t\ndata: {dataset: digits}\ntask: classify\nmodel: {kind: mlp, hidden: [8]}\ntrain: {epochs: 1}\n"
+    (project / "t.yaml").write_text(spec)
+    assert main(["train", "t.yaml", "--seed", "0", "--no-track"]) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert main(["train", "t.yaml", "--seed", "0", "--no-track", "--restart"]) == 0
+    aside = [p for p in run.iterdir() if p.name.startswith("checkpoint.pt.set-aside-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"\x00garbage"  # kept, not deleted
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: room for one checkpoint of the model below (640 KB) but not for the next one beside it."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(project, small_disk, capsys):
+    from pipeline.cli import main
+    (project / "t.yaml").write_text("name: t\ndata: {dataset: digits}\ntask: classify\n"
+                                    "model: {kind: mlp, hidden: [256, 128]}\ntrain: {epochs: 3, checkpoint_every_s: 0}\n")
+    assert main(["prepare", "digits"]) == 0
+    capsys.readouterr()
+    assert main(["train", "t.yaml", "--seed", "0", "--no-track", "--out", str(small_disk / "run")]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("archlab:")]
+    assert "Traceback" not in err and errors == [
+        f"archlab: error: {small_disk / 'run' / 'seed-0' / CHECKPOINT}: the disk is full; nothing was half-written and the "
+        "files from before (the last checkpoint) are kept: free some space and rerun to resume"]
+    assert sorted(p.name for p in (small_disk / "run" / "seed-0").iterdir()) == [".train.lock", CHECKPOINT]  # no temp
+    ckpt = torch.load(small_disk / "run" / "seed-0" / CHECKPOINT, weights_only=True)  # whole, and the first epoch's
+    assert ckpt["state"]["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_epoch_ends_is_continued_by_the_rerun(project):
+    """SIGKILL (no handler runs) while epoch 1 trains: the rerun resumes the same MLflow run, which ends
+    FINISHED; no run is left RUNNING and no second run appears."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import REPO
+    (project / "t.yaml").write_text("name: t\ndata: {dataset: digits}\ntask: classify\n"
+                                    "model: {kind: mlp, hidden: [8]}\ntrain: {epochs: 60, checkpoint_every_s: 3600}\n")
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "t.yaml", "--seed", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    from pipeline.cli import main
+    assert main(["prepare", "digits"]) == 0
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (project / "runs/t/seed-0" / CHECKPOINT).is_file():
+            time.sleep(0.1)
+        assert (project / "runs/t/seed-0" / CHECKPOINT).is_file()
+    finally:
+        proc.kill()
+        proc.wait()
+    ckpt = torch.load(project / "runs/t/seed-0" / CHECKPOINT, weights_only=True)
+    assert ckpt["state"]["epoch"] == 0 and ckpt["state"]["run_id"]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["RUNNING"]  # what a kill leaves
+    assert subprocess.run(cmd, cwd=project, env=env, capture_output=True).returncode == 0
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(ckpt["state"]["run_id"], "FINISHED")]

@@ -2,8 +2,11 @@
 killed workers, parallel workers, Pareto fronts, exported specs, MLflow nesting and bad sweep specs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -405,3 +408,119 @@ def test_the_metric_against_time_plot_labels_a_narrow_log_axis_without_overlap(l
         assert len(boxes) >= 2, "a narrow axis still carries numbers"
         assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
     plt.close("all")
+
+
+# ── faults with real processes: a killed worker, a stale journal lock ────────
+def test_a_journal_lock_left_by_a_killed_process_points_at_the_journal(lab):
+    """Optuna breaks a stale journal lock only if its symlink resolves (it stats the target); with the
+    relative path Optuna was once given, it dangled and a survivor spun on it forever."""
+    code = ("import os; from pipeline.sweeps.study import open_storage; "
+            "s = open_storage('sweeps/x.journal'); s._backend._lock.acquire(); os.kill(os.getpid(), 9)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=lab, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -9
+    lock = lab / "sweeps" / "x.journal.lock"
+    assert lock.is_symlink()
+    assert lock.exists() and lock.resolve() == (lab / "sweeps" / "x.journal").resolve()
+
+
+def _running_trial_pids(path: Path, parent_pid: int) -> list[int]:
+    """Worker pids of the trials RUNNING now (read from the journal while the sweep writes it)."""
+    try:
+        storage = open_storage(default_storage_url(path, "tiny_sweep"))
+        names = optuna.get_all_study_names(storage)
+        if not names:
+            return []
+        trials = optuna.load_study(study_name=names[0], storage=storage).get_trials(states=(TrialState.RUNNING,))
+    except Exception:  # noqa: BLE001 - the study may not exist yet
+        return []
+    return [int(t.user_attrs["worker_pid"]) for t in trials if int(t.user_attrs.get("worker_pid", parent_pid))
+            != parent_pid]
+
+
+def _mlflow_runs(lab: Path) -> list:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{lab / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweeps/tiny_sweep")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _wait_for_a_training_worker(lab: Path, proc) -> int:
+    """The pid of a worker training a trial whose MLflow run has started."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        pids = _running_trial_pids(lab / "sweeps", proc.pid)
+        if pids and any(r.info.status == "RUNNING" and "sweep.trial" in r.data.tags for r in _mlflow_runs(lab)):
+            return pids[0]
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.3)
+    raise AssertionError("no worker started a trial")
+
+
+def _group_gone(group: int, within_s: float) -> bool:
+    """Every process of the group has ended (a zombie reaped by init may take a moment)."""
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _tiny_study(lab: Path):
+    storage = open_storage(default_storage_url(lab / "sweeps", "tiny_sweep"))
+    return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_one_line_the_survivor_finishes_and_ctrl_c_stops_every_worker(lab):
+    slow = {**MLP, "name": "slow_mlp", "train": {**MLP["train"], "epochs": 60, "checkpoint_every_s": 0}}
+    (lab / "specs" / "slow_mlp.yaml").write_text(yaml.safe_dump(slow))
+    raw = sweep_dict(candidates={"mlp": {"spec": "slow_mlp", "space": {
+        "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}}}, budget={"trials": 3})
+    path = write_sweep(lab, raw)
+    cmd = [sys.executable, "-m", "pipeline.cli", "sweep", str(path), "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{lab / 'mlflow.db'}"}
+
+    # 1. SIGKILL of one worker mid-trial: one line, the survivor takes its trial up and spends the budget
+    proc = subprocess.Popen(cmd, cwd=lab, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _wait_for_a_training_worker(lab, proc)
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err, err
+    killed = [line for line in err.splitlines() if "killed" in line]
+    assert len(killed) == 1 and re.fullmatch(r"archlab: sweep worker [01] was killed by SIGKILL; its trial is "
+                                             r"queued again and the other workers went on", killed[0]), err
+    assert proc.returncode == 0, err
+    study = _tiny_study(lab)
+    assert trials_used(study) == 3
+    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["worker_pid"] == victim
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert "RUNNING" not in {r.info.status for r in _mlflow_runs(lab)}
+
+    # 2. Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops the parent and every worker
+    write_sweep(lab, {**raw, "budget": {"trials": 5}})
+    proc = subprocess.Popen(cmd, cwd=lab, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_a_training_worker(lab, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # only if something outlived the test
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert _group_gone(proc.pid, within_s=15), "a process of the sweep outlived it"
+    assert "RUNNING" not in {r.info.status for r in _mlflow_runs(lab)}
+
+    # 3. a rerun completes the budget
+    again = subprocess.run(cmd, cwd=lab, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    study = _tiny_study(lab)
+    assert trials_used(study) == 5 and not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert "RUNNING" not in {r.info.status for r in _mlflow_runs(lab)}
