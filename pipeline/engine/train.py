@@ -11,7 +11,6 @@ import contextlib
 import copy
 import csv
 import io
-import json
 import math
 import os
 import random
@@ -40,7 +39,6 @@ from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpe
 from pipeline.specs.metrics import Mode, is_better
 
 CHECKPOINT = "checkpoint.pt"
-RUN_ID_FILE = "mlflow_run.json"  # the MLflow run id from the start, so a rerun continues it
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -315,9 +313,8 @@ class Trainer:
         if resumed and self.state.status != "running":
             return self.write_outputs()  # already finished: outputs are rewritten, nothing retrained
         if self.open_tracker is not None and self.ranks.is_main:
-            self.tracker = self.open_tracker(self.state.run_id or self.claimed_run_id())
+            self.tracker = self.open_tracker(self.state.run_id)
             self.state.run_id = self.tracker.run_id
-            self.claim_run_id()
         if not resumed:  # epoch 0: a kill before the first epoch ends still resumes this very MLflow run
             self.save_checkpoint()
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the budget that binds, in epochs
@@ -393,21 +390,6 @@ class Trainer:
         if part is None:  # a split too small to share: every rank evaluates all of it
             return evaluate_split(self.model, self.task, self.val_x, self.val_y)
         return evaluate_split(self.model, self.task, *part, reduce=self.ranks.sum_stats)
-
-    # the MLflow run's id, kept beside the run before the first checkpoint holds it ---------------------
-    def claimed_run_id(self) -> str | None:
-        """The run id of an earlier attempt at this very spec that stopped before its first checkpoint."""
-        path = self.run_dir / RUN_ID_FILE
-        if not path.is_file():
-            return None
-        try:
-            claim = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return claim.get("run_id") if claim.get("spec_hash") == self.spec.spec_hash() else None
-
-    def claim_run_id(self) -> None:
-        atomic_write_json(self.run_dir / RUN_ID_FILE, {"run_id": self.state.run_id, "spec_hash": self.spec.spec_hash()})
 
     # outputs -------------------------------------------------------------------
     def final_model(self) -> nn.Module:

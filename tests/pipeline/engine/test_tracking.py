@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.engine.evaluate import evaluate_run
@@ -129,11 +130,12 @@ def test_ctrl_c_before_the_first_checkpoint_marks_the_run_killed_and_the_rerun_c
         raise KeyboardInterrupt
 
     data = tiny_classification()
-    slow_checkpoints = spec(checkpoint_every_s=3600)  # no checkpoint before the last epoch
+    slow_checkpoints = spec(checkpoint_every_s=3600)  # no checkpoint after epoch 0's before the last epoch
     with pytest.raises(KeyboardInterrupt):
         train_experiment(slow_checkpoints, spec_file, data, tmp_path / "run", store, callbacks=[interrupt],
                          progress=False)
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]
+    assert state["epoch"] == 0 and state["run_id"]  # the start's checkpoint: nothing trained, the run id kept
     client = MlflowClient(store)
     [killed] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert killed.info.status == "KILLED"

@@ -35,19 +35,19 @@ def test_train_resume_evaluate_and_compare_through_a_tracking_server(tmp_path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     spec_file = "specs/served_mlp.yaml"
     with pytest.raises(Stop):
-        train_experiment(load_spec(spec_file), spec_file, load_prepared("data/prepared/tiny"), "runs/served_mlp",
+        train_experiment(load_spec(spec_file), spec_file, load_prepared("data/prepared/tiny"), "runs/served_mlp/seed-0",
                          tracking_server, callbacks=[stop_at_2], progress=False)
-    assert main(["train", spec_file]) == 0  # resumes epoch 3 from the checkpoint, in the same run
-    assert main(["evaluate", spec_file]) == 0
+    assert main(["train", spec_file, "--seed", "0"]) == 0  # resumes epoch 3 from the checkpoint, in the same run
+    assert main(["evaluate", spec_file, "--seed", "0"]) == 0
     assert main(["compare", "served_mlp"]) == 0
 
     client = MlflowClient(tracking_server)
     exp = client.get_experiment_by_name("tiny/classify")
     (run,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'served_mlp'")
-    metrics = json.loads((project / "runs/served_mlp/metrics.json").read_text())
+    metrics = json.loads((project / "runs/served_mlp/seed-0/metrics.json").read_text())
     assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
-    assert run.data.metrics["test/accuracy"] == json.loads((project / "runs/served_mlp/eval.json").read_text())[
+    assert run.data.metrics["test/accuracy"] == json.loads((project / "runs/served_mlp/seed-0/eval.json").read_text())[
         "test"]["accuracy"]
     # Artifacts went through the server's proxy: a machine without this run folder downloads them.
     fetched = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="metrics.json",
