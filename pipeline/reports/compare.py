@@ -337,10 +337,27 @@ def score_record(row: dict) -> dict[str, float]:
 
 
 def write_scores(records: list[RunRecord], out_dir: Path) -> None:
-    def fill(folder: Path) -> None:
-        for r in records:
-            (folder / f"{r.name}.json").write_text(json.dumps(score_record(leaderboard_row(r)), indent=1) + "\n")
-    replace_dir(out_dir / SCORES, fill)  # swapped in whole: a dropped experiment's file does not linger
+    """reports/scores/NAME.json per experiment, each written atomically. The folder is versioned in git, so it
+    holds no mark file (DVC would read one as a metric): a score file of an experiment no longer compared is
+    removed only when it holds exactly the score keys, i.e. archlab wrote it."""
+    folder = out_dir / SCORES
+    if folder.exists() and not folder.is_dir():
+        raise UserError(folder, "is a file; the scores need a folder")
+    for r in records:
+        atomic_write_text(folder / f"{r.name}.json", json.dumps(score_record(leaderboard_row(r)), indent=1) + "\n")
+    keep = {f"{r.name}.json" for r in records}
+    for stale in sorted(folder.glob("*.json")):
+        if stale.name not in keep and _is_score_file(stale):
+            stale.unlink()
+
+
+def _is_score_file(path: Path) -> bool:
+    """Holds score keys and nothing else: a file write_scores made."""
+    try:
+        keys = set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+    return bool(keys) and keys <= set(SCORE_KEYS.values())
 
 
 # ── MLflow ───────────────────────────────────────────────────────────────────

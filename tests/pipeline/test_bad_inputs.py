@@ -164,9 +164,9 @@ COMMAND_LINES = [
          ["data/raw", "did not make"], USER_FOLDER),
     Case("train-data-a-file", ["train", "specs/digits_mlp.yaml", "--data", "params.yaml", "--no-track"],
          ["params.yaml", "is a file"]),
-    Case("evaluate-data-a-spec", ["evaluate", "specs/digits_mlp.yaml", "--data", "specs/digits_lenet5.yaml",
-                                  "--no-track"], ["specs/digits_lenet5.yaml", "is a file"],
-         {"runs/digits_mlp/checkpoint.pt": b"not read before the data"}),
+    Case("evaluate-data-a-spec", ["evaluate", "specs/digits_mlp.yaml", "--seed", "0", "--data",
+                                  "specs/digits_lenet5.yaml", "--no-track"], ["specs/digits_lenet5.yaml", "is a file"],
+         {"runs/digits_mlp/seed-0/checkpoint.pt": b"not read before the data"}),
     Case("prepare-two-into-one-out", ["prepare", "digits", "diabetes", "--out", "data/prepared/two"],
          ["--out", "2 would be prepared"]),
     Case("prepare-out-a-file", ["prepare", "digits", "--out", "params.yaml"], ["params.yaml", "is a file"]),
@@ -193,13 +193,14 @@ COMMAND_LINES = [
 ]
 
 FAULTS = [
-    Case("train-corrupt-checkpoint", ["train", "specs/digits_mlp.yaml", "--no-track"],
-         ["runs/digits_mlp/checkpoint.pt", "cannot be read", "--restart"],
-         {"runs/digits_mlp/checkpoint.pt": b"PK\x03\x04 truncated"}, prepared=True),
+    Case("train-corrupt-checkpoint", ["train", "specs/digits_mlp.yaml", "--seed", "0", "--no-track"],
+         ["runs/digits_mlp/seed-0/checkpoint.pt", "cannot be read", "--restart"],
+         {"runs/digits_mlp/seed-0/checkpoint.pt": b"PK\x03\x04 truncated"}, prepared=True),
     Case("corrupt-mlflow-db", ["train", "specs/digits_mlp.yaml"], ["sqlite:///mlflow.db", "cannot be opened"],
          {"mlflow.db": b"SQLite format 2\x00" + bytes(range(256)) * 8}, prepared=True),
-    Case("evaluate-empty-checkpoint", ["evaluate", "specs/digits_mlp.yaml", "--no-track"],
-         ["runs/digits_mlp/checkpoint.pt", "cannot be read"], {"runs/digits_mlp/checkpoint.pt": b""}, prepared=True),
+    Case("evaluate-empty-checkpoint", ["evaluate", "specs/digits_mlp.yaml", "--seed", "0", "--no-track"],
+         ["runs/digits_mlp/seed-0/checkpoint.pt", "cannot be read"], {"runs/digits_mlp/seed-0/checkpoint.pt": b""},
+         prepared=True),
 ]
 
 CORPUS = [*SPECS, *DATA, *COMMAND_LINES, *FAULTS]
@@ -246,13 +247,13 @@ def test_a_second_training_of_a_run_in_progress_names_the_holder(project, capsys
     """A real process holds runs/digits_mlp (as a training would); `archlab train` of the same run stops."""
     assert main(["prepare", "digits"]) == 0
     code = ("import sys, time; from pathlib import Path; from pipeline.engine.train import run_lock\n"
-            "with run_lock(Path('runs/digits_mlp')):\n    print('held', flush=True); time.sleep(120)")
+            "with run_lock(Path('runs/digits_mlp/seed-0')):\n    print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=project, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert_refused(project, capsys, ["train", "specs/digits_mlp.yaml", "--no-track"],
-                       ["runs/digits_mlp", f"is being trained by pid {holder.pid}"])
+        assert_refused(project, capsys, ["train", "specs/digits_mlp.yaml", "--seed", "0", "--no-track"],
+                       ["runs/digits_mlp/seed-0", f"is being trained by pid {holder.pid}"])
     finally:
         holder.kill()
         holder.wait()

@@ -89,17 +89,22 @@ def load(run: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def unescape(text: str) -> str:
+    """Markdown's backslash escapes removed: the text a reader sees."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 def md_tables(markdown: str) -> list[list[dict[str, str]]]:
     """Every markdown table as a list of {column: cell} rows."""
     tables, lines = [], markdown.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|--"):
-            header = [c.strip() for c in line.strip("|").split(" | ")]
+            header = [unescape(c.strip()) for c in line.strip("|").split(" | ")]
             rows = []
             for body in lines[i + 2:]:
                 if not body.startswith("| "):
                     break
-                cells = [c.strip() for c in re.split(r"(?<!\\) \| ", body.strip()[2:-2])]
+                cells = [unescape(c.strip()) for c in re.split(r"(?<!\\) \| ", body.strip()[2:-2])]
                 rows.append(dict(zip(header, cells)))
             tables.append(rows)
     return tables
@@ -185,7 +190,8 @@ def test_markdown_leaderboards_show_the_runs_numbers(real):
                                                                     "diagnostics.json"))
         row, main = rows[name], metrics["main_metric"]
         assert row["status"] == metrics["status"]
-        assert row[f"test {main}: mean [95% interval]"] == f"{evaluation['test'][main]:.4f}"  # one seed: no interval
+        # one seed: its value, then the interval of the test-set bootstrap
+        assert row[f"test {main}: mean [95% interval]"].split(" [")[0] == f"{evaluation['test'][main]:.4f}"
         assert row[f"val {main} (best)"] == f"{metrics['best'][f'val/{main}']:.4f}"
         gap = expected_gap(metrics, diag, "final")
         assert row["loss gap best → last"].endswith(("+" if gap >= 0 else "−") + f"{abs(gap):.4f}")
@@ -200,7 +206,7 @@ def test_markdown_leaderboards_show_the_runs_numbers(real):
             assert row["flags"] in ("none", "gradients not recorded")
     # Ranked best first within a dataset: the classifiers' test accuracies do not increase down the table.
     classify = [r for r in md_tables(md)[0]]
-    scores = [float(r["test accuracy: mean [95% interval]"]) for r in classify]
+    scores = [float(r["test accuracy: mean [95% interval]"].split(" [")[0]) for r in classify]
     assert scores == sorted(scores, reverse=True)
     assert rows["never_trained"]["status"] == "missing" and rows["never_trained"]["params"] == "—"
 
@@ -385,7 +391,7 @@ def test_dvc_plots_diff_overlays_two_revisions_of_the_compare_stage(tmp_path):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["experiments"] = {"a": "toy", "b": "toy"}
+    params["experiments"] = {"a": {"dataset": "toy"}, "b": {"dataset": "toy"}}
     params["comparisons"] = []  # the project's declared pairs name experiments this project does not have
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for name, layers in (("a", ["l0", "l1"]), ("b", ["l0", "l1", "l2"])):
@@ -398,7 +404,9 @@ def test_dvc_plots_diff_overlays_two_revisions_of_the_compare_stage(tmp_path):
     fx.write_run(tmp_path / "runs", "a", epochs=8, diag=fx.diagnostics(8, ["l0", "l1"]))
     _run([sys.executable, "-m", "pipeline.cli", "compare", "--no-track"], tmp_path)
     out = _run([sys.executable, "-m", "dvc", "plots", "diff", "HEAD", "--json"], tmp_path).stdout
-    data = json.loads(out[out.index("{"):])["data"]
+    shown = json.loads(out[out.index("{"):])
+    assert "data" in shown, out
+    data = shown["data"]
     for plot, key in (("reports/plots/learning_curves.json", "value"), ("reports/plots/grad_norms.json", "grad_norm")):
         (rendered,) = data[plot]
         values = rendered["content"]["data"]["values"]
