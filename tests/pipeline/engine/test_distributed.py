@@ -31,11 +31,19 @@ def losses(run_dir) -> pd.DataFrame:
     return pd.read_csv(run_dir / "history.csv")[["epoch", "train/loss", "val/loss", "val/accuracy"]]
 
 
+def checkpointed_epoch(checkpoint) -> int:
+    """The epoch a run's checkpoint holds; -1 before there is one (a run checkpoints epoch 0 as it starts)."""
+    try:
+        return torch.load(checkpoint, weights_only=True)["state"]["epoch"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
 def kill_mid_run(cmd: list[str], checkpoint) -> None:
-    """Start torchrun and its ranks, SIGKILL them all once an epoch is checkpointed."""
+    """Start torchrun and its ranks, SIGKILL them all once a trained epoch is checkpointed."""
     proc = subprocess.Popen(cmd, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not checkpoint.is_file() and proc.poll() is None:
+    while time.time() < deadline and checkpointed_epoch(checkpoint) < 1 and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
