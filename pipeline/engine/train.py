@@ -28,7 +28,7 @@ from models import build_model
 from models.contract import Phase
 from models.layers.init import connection_weights
 from pipeline.data.prepare import Prepared, redraw_split
-from pipeline.engine import distributed
+from pipeline.engine import distributed, interrupts
 from pipeline.engine.diagnostics import make_monitor
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
@@ -292,6 +292,7 @@ class Trainer:
             for sch in self.schedulers:
                 sch.step()
             self.state.step += 1
+            interrupts.check()  # Ctrl-C lands here, between steps, never inside a tracker write
         return self._summarize_train(read_stats(self.ranks.sum_stats(total)))
 
     def _summarize_train(self, stats: dict) -> dict[str, float]:
@@ -320,60 +321,12 @@ class Trainer:
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the budget that binds, in epochs
         shown = self.show_progress and self.ranks.is_main
         progress = Progress(spec.name, epochs, self.state.epoch) if shown else None
-        es = spec.train.early_stopping
-        monitor_key = es.monitor if es else f"val/{self.task.metric}"
-        mode = es.mode if es else self.task.mode
-        last_save = time.monotonic()
+        # Ranks stop together only when killed together: a deferred Ctrl-C could leave one rank waiting in an
+        # all-reduce for another that already stopped, so under DDP it lands where it lands.
+        safe_stops = interrupts.deferred() if not self.ranks.active else contextlib.nullcontext()
         try:
-            while self.state.epoch < spec.train.epochs and self.state.step < self.total_steps:
-                t0 = time.perf_counter()
-                train_metrics = self.train_epoch()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                epoch_time = time.perf_counter() - t0
-                self.state.train_time_s += epoch_time
-                val_metrics = self.validate()
-                self.state.epoch += 1
-                row = {"epoch": self.state.epoch, "step": self.state.step,
-                       **{f"train/{k}": v for k, v in train_metrics.items()},
-                       **{f"val/{k}": v for k, v in val_metrics.items()},
-                       "lr": self.schedulers[0].get_last_lr()[0], "epoch_time_s": epoch_time}
-                row.update(self.monitor.end_epoch(self.state.epoch))
-                # Tasks with per-epoch artifacts (sample grids, sampled text) write them here.
-                if self.ranks.is_main:
-                    row.update(self.task.end_epoch(self.model, self.state.epoch, self.run_dir, self.data))
-                row = self.ranks.from_main(row)  # every rank takes rank 0's decisions
-                self.state.history.append(row)
-                diverged = not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss"))
-                value = row.get(monitor_key, float("nan"))
-                if math.isfinite(value) and _improved(value, self.state.best_value, mode, es.min_delta if es else 0.0):
-                    self.state.best_value, self.state.best_epoch, self.state.bad_epochs = value, self.state.epoch, 0
-                    if es:
-                        self.state.best_weights = _cpu_state(self.model)
-                else:
-                    self.state.bad_epochs += 1
-                if self.tracker is not None:
-                    self.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "step")},
-                                             step=self.state.epoch)
-                    self.tracker.log_metrics(self.monitor.mlflow_metrics(), step=self.state.epoch)  # grad_norm/<layer>
-                done = diverged or self.state.epoch >= spec.train.epochs or self.state.step >= self.total_steps
-                if es and self.state.bad_epochs >= es.patience:
-                    done = True
-                if diverged:
-                    self.state.status = "diverged"
-                elif done:
-                    self.state.status = "early_stopped" if es and self.state.bad_epochs >= es.patience else "finished"
-                if progress:
-                    progress.update(self.state.epoch, row)
-                if done or time.monotonic() - last_save >= spec.train.checkpoint_every_s:
-                    if self.tracker is not None:
-                        self.tracker.flush()
-                    self.save_checkpoint()
-                    last_save = time.monotonic()
-                for callback in self.callbacks:
-                    callback(self.state.epoch, row)
-                if done:
-                    break
+            with safe_stops:
+                self._train_epochs(progress)
         except BaseException as error:
             # Ctrl-C or a crash: the run is closed as KILLED or FAILED (never left RUNNING); the epochs since the
             # last checkpoint are trained again by the rerun, so their queued metrics are dropped.
@@ -384,6 +337,74 @@ class Trainer:
             if progress:
                 progress.close()
         return self.write_outputs()
+
+    def _train_epochs(self, progress: Progress | None) -> None:
+        """Epochs until the budget, early stopping or divergence ends the run; a checkpoint at the end and at most
+        every `checkpoint_every_s` seconds."""
+        spec = self.spec
+        last_save = time.monotonic()
+        while self.state.epoch < spec.train.epochs and self.state.step < self.total_steps:
+            row = self._epoch()
+            done = self._judge(row)
+            if self.tracker is not None:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "step")},
+                                         step=self.state.epoch)
+                self.tracker.log_metrics(self.monitor.mlflow_metrics(), step=self.state.epoch)  # grad_norm/<layer>
+            if progress:
+                progress.update(self.state.epoch, row)
+            if done or time.monotonic() - last_save >= spec.train.checkpoint_every_s:
+                if self.tracker is not None:
+                    self.tracker.flush()
+                self.save_checkpoint()
+                last_save = time.monotonic()
+            for callback in self.callbacks:
+                callback(self.state.epoch, row)
+            if done:
+                return
+
+    def _epoch(self) -> dict:
+        """Train one epoch and validate → the epoch's row of the history (every rank holds rank 0's)."""
+        t0 = time.perf_counter()
+        train_metrics = self.train_epoch()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - t0
+        self.state.train_time_s += epoch_time
+        val_metrics = self.validate()
+        self.state.epoch += 1
+        row = {"epoch": self.state.epoch, "step": self.state.step,
+               **{f"train/{k}": v for k, v in train_metrics.items()},
+               **{f"val/{k}": v for k, v in val_metrics.items()},
+               "lr": self.schedulers[0].get_last_lr()[0], "epoch_time_s": epoch_time}
+        row.update(self.monitor.end_epoch(self.state.epoch))
+        # Tasks with per-epoch artifacts (sample grids, sampled text) write them here.
+        if self.ranks.is_main:
+            row.update(self.task.end_epoch(self.model, self.state.epoch, self.run_dir, self.data))
+        row = self.ranks.from_main(row)  # every rank takes rank 0's decisions
+        self.state.history.append(row)
+        return row
+
+    def _judge(self, row: dict) -> bool:
+        """Track the best epoch and set the run's status → whether training ends after this epoch."""
+        spec = self.spec
+        es = spec.train.early_stopping
+        monitor_key = es.monitor if es else f"val/{self.task.metric}"
+        mode = es.mode if es else self.task.mode
+        diverged = not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss"))
+        value = row.get(monitor_key, float("nan"))
+        if math.isfinite(value) and _improved(value, self.state.best_value, mode, es.min_delta if es else 0.0):
+            self.state.best_value, self.state.best_epoch, self.state.bad_epochs = value, self.state.epoch, 0
+            if es:
+                self.state.best_weights = _cpu_state(self.model)
+        else:
+            self.state.bad_epochs += 1
+        stopped_early = es is not None and self.state.bad_epochs >= es.patience
+        done = diverged or stopped_early or self.state.epoch >= spec.train.epochs or self.state.step >= self.total_steps
+        if diverged:
+            self.state.status = "diverged"
+        elif done:
+            self.state.status = "early_stopped" if stopped_early else "finished"
+        return done
 
     def validate(self) -> dict[str, float]:
         part = self.ranks.part(self.val_x, self.val_y)

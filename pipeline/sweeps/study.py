@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.engine import interrupts
 from pipeline.engine.repeats import available_cores
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec
@@ -306,6 +307,7 @@ def run_worker(job: SweepJob) -> int:
     tidy = end_orphan_runs(job.tracking_uri, sweep.name, job.study_name)
     ran = 0
     while True:
+        interrupts.check()  # a Ctrl-C noted while the last trial was told stops here, before a new one is asked
         with budget_lock(job.storage_url, job.study_name):
             recover_interrupted(study, tidy)
             if not _budget_left(study, sweep, job):
@@ -323,7 +325,8 @@ def run_worker(job: SweepJob) -> int:
 def _worker_main(job: SweepJob) -> None:
     """Entry point of a spawned worker process: exit 2 on a user error, as the CLI does."""
     try:
-        run_worker(job)
+        with interrupts.deferred():  # the terminal's Ctrl-C reaches every worker: each stops between steps
+            run_worker(job)
     except UserError as err:
         print(f"archlab: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -709,7 +712,8 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
     dead: list[str] = []
     try:
         if workers == 1:
-            run_worker(SweepJob(**{**jobs[0].__dict__, "threads": None}))  # in-process: keep this process's threads
+            with interrupts.deferred():  # in-process: keep this process's threads
+                run_worker(SweepJob(**{**jobs[0].__dict__, "threads": None}))
         else:
             def on_exit(worker: int, code: int) -> None:
                 line = _worker_death(worker, code)
