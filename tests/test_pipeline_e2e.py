@@ -242,3 +242,25 @@ def test_adding_a_seed_trains_only_the_new_seed(clone):
 def test_metrics_are_declared_for_dvc(clone):
     out = run([sys.executable, "-m", "dvc", "metrics", "show"], clone).stdout
     assert "reports/evidence.json" in out and "digits_mlp.mean" in out
+
+
+def test_going_back_to_an_earlier_commit_restores_its_runs_from_the_dvc_cache_and_trains_nothing(clone):
+    run(["git", "add", "-A"], clone)
+    run(["git", "commit", "-qm", "before", "--allow-empty"], clone)
+    earlier = (clone / "runs/diabetes_mlp/seed-0/eval.json").read_bytes()
+    spec = clone / "specs" / "diabetes_mlp.yaml"
+    raw = yaml.safe_load(spec.read_text())
+    raw["train"]["optimizer"]["lr"] = raw["train"]["optimizer"]["lr"] / 2
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert "Running stage 'train@diabetes_mlp'" in run([sys.executable, "-m", "dvc", "repro"], clone).stdout
+    run(["git", "add", "-A"], clone)
+    run(["git", "commit", "-qm", "after"], clone)
+    assert (clone / "runs/diabetes_mlp/seed-0/eval.json").read_bytes() != earlier
+
+    run(["git", "checkout", "-q", "HEAD~1"], clone)
+    run([sys.executable, "-m", "dvc", "checkout"], clone)  # as DVC users do after a git checkout
+    assert (clone / "runs/diabetes_mlp/seed-0/eval.json").read_bytes() == earlier
+    out = run([sys.executable, "-m", "dvc", "repro"], clone).stdout
+    assert "Running stage 'train@" not in out, out
+    run(["git", "checkout", "-q", "-"], clone)
+    run([sys.executable, "-m", "dvc", "checkout"], clone)
