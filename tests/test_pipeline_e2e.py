@@ -182,6 +182,11 @@ def test_the_model_registry_holds_the_best_model_of_each_group_as_champion(clone
     assert set(best) == {"archlab-digits-classify", "archlab-diabetes-regress"}
     for name, run_id in best.items():
         assert client.get_model_version_by_alias(name, "champion").run_id == run_id
+    # what the verdicts say of it: digits_lenet5 has one seed here, and a single seed is never a win
+    evidence = {name: client.get_model_version_by_alias(name, "champion").tags["archlab.evidence"] for name in best}
+    assert evidence["archlab-diabetes-regress"] == "the only experiment of its group"
+    assert evidence["archlab-digits-classify"] in ("not shown better than: digits_lenet5 (inconclusive)",
+                                                   "not shown better than: digits_mlp (inconclusive)")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium (apt-get install chromium)")

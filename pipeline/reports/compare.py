@@ -386,9 +386,11 @@ def registered_model_name(dataset: str, task: str) -> str:
     return f"{MODEL_NAME_PREFIX}-{dataset}-{task}"
 
 
-def register_champions(tracking_uri: str, records: list[RunRecord]) -> dict[str, str]:
+def register_champions(tracking_uri: str, records: list[RunRecord],
+                       comparisons: dict[tuple[str, str], list] | None = None) -> dict[str, str]:
     """Register each dataset/task group's best model (the first of its ranked leaderboard that has an MLflow
-    model) and point the alias `champion` at it; returns {registered name: version}."""
+    model) and point the alias `champion` at it, the verdicts on it written on the version (tag
+    `archlab.evidence`, and its description); returns {registered name: version}."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -406,10 +408,34 @@ def register_champions(tracking_uri: str, records: list[RunRecord]) -> dict[str,
                     f"runs:/{run_id}/model", name, tags={"experiment": r.name}).version
             except MlflowException:
                 continue  # a run from another store: the next in rank
+            evidence = champion_evidence(r.name, [m.name for m in members],
+                                         (comparisons or {}).get((dataset, task), []))
+            client.set_model_version_tag(name, version, "archlab.evidence", evidence)
+            client.update_model_version(name, version, description=f"{r.name}: {evidence}")
             client.set_registered_model_alias(name, CHAMPION, version)
             champions[name] = str(version)
             break
     return champions
+
+
+_FLIPPED = {"better": "worse", "worse": "better"}
+
+
+def champion_evidence(champion: str, group: list[str], comparisons: list) -> str:
+    """What the paired verdicts say of the champion against the rest of its group: that it beats every one, or
+    which ones it is not shown better than (a single seed is never a win; a lead within the noise is none)."""
+    others = [name for name in group if name != champion]
+    if not others:
+        return "the only experiment of its group"
+    seen = {}  # other → the verdict from the champion's side
+    for c in comparisons:
+        if champion in (c.a, c.b):
+            other = c.b if c.a == champion else c.a
+            seen[other] = c.verdict if c.a == champion else _FLIPPED.get(c.verdict, c.verdict)
+    unbeaten = [f"{o} ({seen.get(o, 'not compared')})" for o in others if seen.get(o) != "better"]
+    if not unbeaten:
+        return f"beats every other experiment of its group ({len(others)}, paired tests over seeds, Holm-corrected)"
+    return "not shown better than: " + ", ".join(unbeaten)
 
 
 def _has_model(client, run_id: str) -> bool:
@@ -578,6 +604,6 @@ def compare(names: list[str], runs_dir: Path, out_dir: Path, tracking_uri: str |
     atomic_write_text(out_dir / COMPARISON_HTML, render_html(report, out_dir))
     if tracking_uri:
         log_report(tracking_uri, out_dir, names, frame, records)
-        register_champions(tracking_uri, records)
+        register_champions(tracking_uri, records, comparisons)
         log_summaries(tracking_uri, records)
     return frame

@@ -135,3 +135,25 @@ def test_single_seed_is_reported_as_such():
     other = _evidence("other", [0.50], seed=2)
     c = st.judge([st.compare_pair(one, other, np.random.default_rng(0))], 0.005)[0]
     assert c.n == 1 and c.verdict == "inconclusive" and "single seed" in c.reason
+
+
+# ── what the registry says of a champion ─────────────────────────────────────
+def _judged(a: str, b: str, verdict: str) -> st.Comparison:
+    return st.Comparison(a=a, b=b, metric="accuracy", n=4, advantage=0.0, low=0.0, high=0.0, p_a_beats_b=0.5,
+                         p_value=0.5, verdict=verdict)
+
+
+def test_a_champion_that_every_verdict_puts_ahead_beats_its_group():
+    from pipeline.reports.compare import champion_evidence
+    verdicts = [_judged("rnn", "lstm", "worse"), _judged("lstm", "gru", "better")]  # either orientation
+    assert champion_evidence("lstm", ["lstm", "gru", "rnn"], verdicts) == (
+        "beats every other experiment of its group (2, paired tests over seeds, Holm-corrected)")
+
+
+def test_a_champion_names_every_experiment_it_is_not_shown_better_than_with_the_verdict():
+    from pipeline.reports.compare import champion_evidence
+    verdicts = [_judged("rnn", "lstm", "worse"), _judged("gru", "lstm", "equivalent"),
+                _judged("cnn", "lstm", "inconclusive")]
+    assert champion_evidence("lstm", ["lstm", "gru", "cnn", "rnn", "mlp"], verdicts) == (
+        "not shown better than: gru (equivalent), cnn (inconclusive), mlp (not compared)")
+    assert champion_evidence("lstm", ["lstm"], []) == "the only experiment of its group"
