@@ -121,43 +121,30 @@ BYTES_PER_VALUE = 4  # float32
 PARAM_COPIES, ACTIVATION_COPIES = 4, 2
 
 
-# Below this many parameters a model is sized by a real one-sample forward on the CPU (milliseconds); above it,
-# on PyTorch's meta device, which allocates nothing but whose first forward in a process imports torch's meta
-# kernels (about a second, in every `archlab train`).
-SIZED_ON_CPU_BELOW = 4_000_000
-
-
 def memory_estimate(spec, shape) -> tuple[int, int]:
-    """(parameters, activation values per sample) of the spec's model. The parameters are counted on the meta
-    device (nothing allocated, so a model of a billion units is sized in a moment); activations are the outputs
-    of every leaf module on one sample: (params, 0) where the model cannot run on the device that sizes it."""
+    """(parameters, activation values per sample) of the spec's model, counted on PyTorch's meta device:
+    nothing is allocated, so a model of a billion units is sized in a moment. Activations are the outputs of
+    every leaf module on one sample; (params, 0) where the model cannot run on the meta device."""
     import torch
     from models import build_model
     with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(spec.model, shape).parameters())
-    device = "cpu" if params < SIZED_ON_CPU_BELOW else "meta"
-    with torch.random.fork_rng(devices=[]), torch.device(device):  # a CPU build must not move the seeded RNG
-        return params, activation_values(build_model(spec.model, shape), shape)
-
-
-def activation_values(model, shape) -> int:
-    """Values output by the model's leaf modules on one sample (0 if the model cannot run where it is)."""
-    import torch
-    values: list[int] = []
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: values.append(
-        out.numel() if isinstance(out, torch.Tensor) else 0)) for m in leaves]
-    try:
-        model.eval()
-        x = torch.zeros((1, *shape.input_shape), dtype=torch.long if shape.vocab_size else torch.float32)
-        with torch.no_grad():
-            model.example_forward(x)
-    except Exception:  # noqa: BLE001 - a model that cannot run here: sized by its parameters only
-        values = []
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sum(values)
+        model = build_model(spec.model, shape)
+        params = sum(p.numel() for p in model.parameters())
+        values: list[int] = []
+        leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+        hooks = [m.register_forward_hook(lambda _m, _i, out: values.append(
+            out.numel() if isinstance(out, torch.Tensor) else 0)) for m in leaves]
+        try:
+            model.eval()
+            x = torch.zeros((1, *shape.input_shape), dtype=torch.long if shape.vocab_size else torch.float32)
+            with torch.no_grad():
+                model.example_forward(x)
+        except Exception:  # noqa: BLE001 - a model the meta device cannot run: sized by its parameters only
+            values = []
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return params, sum(values)
 
 
 def memory_available(device: str) -> int:
