@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 
 from pipeline.cli import main
 from pipeline.specs.experiment import load_spec
-from pipeline.sweeps.study import default_storage_url, open_storage, open_study, run_sweep, trials_used
+from pipeline.sweeps.storage import default_storage_url, open_storage, trials_used
+from pipeline.sweeps.study import open_study, run_sweep
 from pipeline.specs.sweep import Sweep, load_sweep, parse_path
 from pipeline.engine.train import train_experiment
 from tests.conftest import REPO, free_port, serving, tiny_project
@@ -414,7 +415,7 @@ def test_the_metric_against_time_plot_labels_a_narrow_log_axis_without_overlap(l
 def test_a_journal_lock_left_by_a_killed_process_points_at_the_journal(lab):
     """Optuna breaks a stale journal lock only if its symlink resolves (it stats the target); with the
     relative path Optuna was once given, it dangled and a survivor spun on it forever."""
-    code = ("import os; from pipeline.sweeps.study import open_storage; "
+    code = ("import os; from pipeline.sweeps.storage import open_storage; "
             "s = open_storage('sweeps/x.journal'); s._backend._lock.acquire(); os.kill(os.getpid(), 9)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=lab, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -9
