@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from pipeline.sweeps.space import grid_points
 from pipeline.sweeps.storage import (budget_lock, make_pruner, make_sampler, open_storage, recover_interrupted,
                                      trials_used)
 from pipeline.sweeps.trials import SweepJob, end_orphan_runs, mlflow_experiment, mlflow_params
-from pipeline.sweeps.workers import _budget_left, _spawn_workers, _worker_death, run_worker
+from pipeline.sweeps.workers import budget_left, run_worker, spawn_workers, worker_death
 
 
 # ── the whole sweep (what `archlab sweep` calls) ─────────────────────────────
@@ -101,6 +102,64 @@ def sweep_inputs(sweep: Sweep, data_meta: dict) -> dict:
 
 
 
+def _start(sweep: Sweep, study, storage_url: str, tracking_uri: str | None,
+           tidy: Callable[[Any], None] | None) -> tuple[list[int], Any]:
+    """Under the budget lock: recover what dead workers left, queue a grid's points, open the parent MLflow run
+    (hosts starting at once share one) → (recovered trial numbers, the parent run's tracker or None)."""
+    with budget_lock(storage_url, sweep.study_name):
+        recovered = recover_interrupted(study, tidy)
+        if sweep.spec.sampler.name == "grid":
+            for point in grid_points(sweep):
+                study.enqueue_trial(point, skip_if_exists=True)
+        return recovered, _parent_run(sweep, study, tracking_uri)
+
+
+def _jobs(sweep: Sweep, workers: int, dirs: tuple[str | Path, str | Path, str | Path], storage_url: str,
+          tracking_uri: str | None, parent, before: int) -> list[SweepJob]:
+    """One job per worker; each seeds its sampler apart from the others' and from earlier runs' workers."""
+    data_dir, runs_dir, specs_dir = dirs
+    deadline = time.time() + sweep.spec.budget.timeout_s if sweep.spec.budget.timeout_s else None
+    threads = max(1, available_cores() // workers)
+    return [SweepJob(sweep_path=str(sweep.path), specs_dir=str(specs_dir), storage_url=storage_url,
+                     study_name=sweep.study_name, data_dir=str(data_dir), runs_dir=str(runs_dir),
+                     tracking_uri=tracking_uri, parent_run_id=parent.run_id if parent else None, deadline=deadline,
+                     seed=sweep.spec.seed + 1000 * k + before, threads=threads, worker=k) for k in range(workers)]
+
+
+def _run_workers(sweep: Sweep, study, jobs: list[SweepJob], tidy, recovered: list[int], dead: list[str]) -> None:
+    """Run the jobs to the end: one in this process, or each in a spawned process. A worker that dies is one
+    line in `dead`, and its trial is recovered at once, not at the end."""
+    storage_url = jobs[0].storage_url
+    if len(jobs) == 1:
+        with interrupts.deferred():  # in-process: keep this process's threads
+            run_worker(SweepJob(**{**jobs[0].__dict__, "threads": None}))
+        return
+
+    def on_exit(worker: int, code: int) -> None:
+        line = worker_death(worker, code)
+        if line is not None:
+            print(f"archlab: {line}", file=sys.stderr)
+            dead.append(line)
+            with budget_lock(storage_url, sweep.study_name):  # its trial and MLflow run, now, not at the end
+                recovered.extend(recover_interrupted(study, tidy))
+
+    codes = spawn_workers(jobs, on_exit)
+    if any(code == 2 for code in codes):
+        raise UserError(sweep.path, "a worker stopped on an error in the sweep (see above)")
+
+
+def _close_parent(parent, study, best: dict[str, Any], report_dir: Path, complete: bool) -> None:
+    """The parent MLflow run gets the best values, the report's files, and ends (KILLED if the budget is not spent)."""
+    if parent is None:
+        return
+    parent.log_metrics({k: v for k, v in best.items() if isinstance(v, (int, float))}, step=trials_used(study))
+    parent.set_tags({"best_trial": str(best.get("trial", "")), "best_candidate": str(best.get("candidate", ""))})
+    for path in sorted(report_dir.iterdir()):
+        if path.is_file():
+            parent.log_artifact(path, "report")
+    parent.end("FINISHED" if complete else "KILLED")
+
+
 def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_dir: str | Path,
               storage_url: str, workers: int = 1, tracking_uri: str | None = None,
               specs_dir: str | Path = "specs") -> SweepResult:
@@ -113,36 +172,12 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
     preflight(sweep, data)
     study = open_study(sweep, storage_url, sweep.spec.seed)
     tidy = end_orphan_runs(tracking_uri, sweep.name, study.study_name)
-    with budget_lock(storage_url, sweep.study_name):
-        recovered = recover_interrupted(study, tidy)
-        if sweep.spec.sampler.name == "grid":
-            for point in grid_points(sweep):
-                study.enqueue_trial(point, skip_if_exists=True)
-        parent = _parent_run(sweep, study, tracking_uri)  # under the lock: hosts starting at once share one
+    recovered, parent = _start(sweep, study, storage_url, tracking_uri, tidy)
     before = trials_used(study)
-    deadline = time.time() + sweep.spec.budget.timeout_s if sweep.spec.budget.timeout_s else None
-    threads = max(1, available_cores() // workers)
-    jobs = [SweepJob(sweep_path=str(sweep.path), specs_dir=str(specs_dir), storage_url=storage_url,
-                     study_name=sweep.study_name, data_dir=str(data_dir), runs_dir=str(runs_dir),
-                     tracking_uri=tracking_uri, parent_run_id=parent.run_id if parent else None, deadline=deadline,
-                     seed=sweep.spec.seed + 1000 * k + before, threads=threads, worker=k) for k in range(workers)]
+    jobs = _jobs(sweep, workers, (data_dir, runs_dir, specs_dir), storage_url, tracking_uri, parent, before)
     dead: list[str] = []
     try:
-        if workers == 1:
-            with interrupts.deferred():  # in-process: keep this process's threads
-                run_worker(SweepJob(**{**jobs[0].__dict__, "threads": None}))
-        else:
-            def on_exit(worker: int, code: int) -> None:
-                line = _worker_death(worker, code)
-                if line is not None:
-                    print(f"archlab: {line}", file=sys.stderr)
-                    dead.append(line)
-                    with budget_lock(storage_url, sweep.study_name):  # its trial and MLflow run, now, not at the end
-                        recovered.extend(recover_interrupted(study, tidy))
-
-            codes = _spawn_workers(jobs, on_exit)
-            if any(code == 2 for code in codes):
-                raise UserError(sweep.path, "a worker stopped on an error in the sweep (see above)")
+        _run_workers(sweep, study, jobs, tidy, recovered, dead)
     except BaseException:
         with contextlib.suppress(Exception), budget_lock(storage_url, sweep.study_name):
             recover_interrupted(study, tidy)  # what stopped workers left running: failed, queued, runs KILLED
@@ -152,16 +187,10 @@ def run_sweep(sweep: Sweep, data_dir: str | Path, runs_dir: str | Path, report_d
     study = open_study(sweep, storage_url, sweep.spec.seed)
     with budget_lock(storage_url, sweep.study_name):
         recovered += recover_interrupted(study, tidy)  # a dead worker's trial the survivors did not take up
-    complete = not _budget_left(study, sweep, jobs[0])
+    complete = not budget_left(study, sweep, jobs[0])
     write_report(study, sweep, Path(report_dir), storage_url, specs_dir=Path(specs_dir))
     best = best_summary(study, sweep)
-    if parent is not None:
-        parent.log_metrics({k: v for k, v in best.items() if isinstance(v, (int, float))}, step=trials_used(study))
-        parent.set_tags({"best_trial": str(best.get("trial", "")), "best_candidate": str(best.get("candidate", ""))})
-        for path in sorted(Path(report_dir).iterdir()):
-            if path.is_file():
-                parent.log_artifact(path, "report")
-        parent.end("FINISHED" if complete else "KILLED")
+    _close_parent(parent, study, best, Path(report_dir), complete)
     return SweepResult(study.study_name, storage_url, Path(report_dir), trials_used(study),
                        trials_used(study) - before, recovered, best, terminal_table(study, sweep), complete=complete,
                        dead_workers=dead)

@@ -189,12 +189,8 @@ def _fail(study, trial, reason: str, child: ChildRun, run_id: str | None = None,
 
 def run_trial(study, trial, sweep: Sweep, data, job: SweepJob) -> None:
     """Sample, build, train and tell one trial. Whatever goes wrong inside a trial fails that trial only."""
-    import optuna
-    from optuna.trial import TrialState
-
     from pipeline.io import atomic_write_text
     from pipeline.specs.experiment import spec_to_yaml
-    from pipeline.engine.train import train_experiment
 
     candidate, values = sample_candidate(trial, sweep)
     root = int(trial.user_attrs.get("retry_of", trial.number))  # a retry resumes its original's run folder
@@ -214,7 +210,18 @@ def run_trial(study, trial, sweep: Sweep, data, job: SweepJob) -> None:
         return
     spec_file = run_dir / "spec.yaml"
     atomic_write_text(spec_file, spec_to_yaml(spec, os.path.relpath(Path(job.specs_dir) / "schema.json", run_dir)))
+    _train_and_tell(study, trial, sweep, data, job, spec, spec_file, child)
 
+
+def _train_and_tell(study, trial, sweep: Sweep, data, job: SweepJob, spec: ExperimentSpec, spec_file: Path,
+                    child: ChildRun) -> None:
+    """Train the trial's spec, reporting each epoch to the pruner, and tell the study how it ended."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipeline.engine.train import train_experiment
+
+    run_dir = spec_file.parent
     metric = sweep.spec.objective.metric
     single = not sweep.multi_objective
     monitor = TrialMonitor(trial, metric, report=single, prune=single and sweep.spec.pruner.name != "none")

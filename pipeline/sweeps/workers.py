@@ -27,7 +27,7 @@ def _load_study(job: SweepJob, sweep: Sweep):
                              sampler=make_sampler(sweep, job.seed), pruner=make_pruner(sweep))
 
 
-def _budget_left(study, sweep: Sweep, job: SweepJob) -> bool:
+def budget_left(study, sweep: Sweep, job: SweepJob) -> bool:
     if job.deadline is not None and time.time() >= job.deadline:
         return False
     under_budget = sweep.spec.budget.trials is None or trials_used(study) < sweep.spec.budget.trials
@@ -55,7 +55,7 @@ def run_worker(job: SweepJob) -> int:
         interrupts.check()  # a Ctrl-C noted while the last trial was told stops here, before a new one is asked
         with budget_lock(job.storage_url, job.study_name):
             recover_interrupted(study, tidy)
-            if not _budget_left(study, sweep, job):
+            if not budget_left(study, sweep, job):
                 break
             trial = study.ask()
             # Set while still under the lock: from here on the trial is visibly owned by a live process.
@@ -79,7 +79,7 @@ def _worker_main(job: SweepJob) -> None:
         sys.exit(130)
 
 
-def _spawn_workers(jobs: list[SweepJob], on_exit: Callable[[int, int], None]) -> list[int]:
+def spawn_workers(jobs: list[SweepJob], on_exit: Callable[[int, int], None]) -> list[int]:
     """Run the workers to the end → their exit codes; `on_exit(worker, code)` as each one ends. Ctrl-C or
     SIGTERM stops every one of them."""
     import multiprocessing
@@ -129,7 +129,7 @@ def _stop_workers(procs) -> None:
             p.join(timeout=wait)
 
 
-def _worker_death(worker: int, code: int) -> str | None:
+def worker_death(worker: int, code: int) -> str | None:
     """One line for a worker that did not end by itself (killed by a signal, or crashed); None if it did."""
     if code in (0, 2):  # done, or stopped on a user error it reported itself
         return None
