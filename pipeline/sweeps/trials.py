@@ -24,7 +24,8 @@ from pipeline.sweeps.storage import requeue
 
 @dataclass(frozen=True)
 class SweepJob:
-    """What a worker process needs (picklable: workers are spawned, not forked)."""
+    """What a worker process needs (picklable: workers are spawned, not forked). It lives here, not in
+    workers.py, because a trial and its MLflow run read it too, and workers.py imports this module."""
 
     sweep_path: str
     specs_dir: str
