@@ -68,9 +68,9 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
     import optuna
     from optuna.trial import TrialState
 
+    from pipeline.specs.sweep import load_sweep
     from pipeline.sweeps.storage import default_storage_url, open_storage
     from pipeline.sweeps.study import run_sweep
-    from pipeline.specs.sweep import load_sweep
     cwd = os.getcwd()
     os.chdir(root)
     try:

@@ -144,8 +144,8 @@ class ChildRun:
     def close_interrupted(self, study, root: int) -> None:
         """A retry closes the runs its interrupted predecessors left RUNNING (their worker died unseen) as KILLED.
         Resuming the checkpoint on the same machine reopens its run; on another machine the retry starts afresh."""
-        from optuna.trial import TrialState
         from mlflow.tracking import MlflowClient
+        from optuna.trial import TrialState
         lost = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                 if t.user_attrs.get("interrupted") and int(t.user_attrs.get("retry_of", t.number)) == root}
         client = MlflowClient(tracking_uri=self.job.tracking_uri)

@@ -23,11 +23,11 @@ import yaml
 from optuna.trial import TrialState
 
 from pipeline.cli import main
+from pipeline.engine.train import train_experiment
 from pipeline.specs.experiment import load_spec
+from pipeline.specs.sweep import Sweep, load_sweep, parse_path
 from pipeline.sweeps.storage import default_storage_url, open_storage, trials_used
 from pipeline.sweeps.study import open_study, run_sweep
-from pipeline.specs.sweep import Sweep, load_sweep, parse_path
-from pipeline.engine.train import train_experiment
 from tests.conftest import REPO, free_port, serving, tiny_project
 
 MLP = {"name": "tiny_mlp", "data": {"dataset": "tiny"}, "task": "classify",
