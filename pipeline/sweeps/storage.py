@@ -142,7 +142,7 @@ def make_sampler(sweep: Sweep, seed: int):
 
 # ── study state: budget, interrupted trials ──────────────────────────────────
 HEARTBEAT_S = 30.0
-STALE_AFTER_S = 600.0  # a trial on another machine silent this long is taken for dead
+STALE_AFTER_S = 150.0  # a trial on another machine silent for five beats is taken for dead and queued again
 
 
 def _pid_alive(pid: int) -> bool:

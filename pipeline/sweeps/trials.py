@@ -19,7 +19,7 @@ from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec
 from pipeline.specs.sweep import COST_KEYS, Sweep
 from pipeline.sweeps.space import InvalidTrial, build_trial_spec, check_trial_buildable, sample_candidate, trial_name
-from pipeline.sweeps.storage import requeue
+from pipeline.sweeps.storage import STALE_AFTER_S, requeue
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def _fail(study, trial, reason: str, child: ChildRun, run_id: str | None = None,
     trial.set_user_attr("fail_reason", reason)
     print(f"[sweep {child.sweep.name}] trial {trial.number} ({child.candidate}) failed: {reason}", file=sys.stderr)
     child.finish(run_id, "failed", reason=reason, values=values)
-    study.tell(trial, state=TrialState.FAIL)
+    tell(study, trial, state=TrialState.FAIL)
 
 
 def run_trial(study, trial, sweep: Sweep, data, job: SweepJob) -> None:
@@ -237,7 +237,7 @@ def _train_and_tell(study, trial, sweep: Sweep, data, job: SweepJob, spec: Exper
         if child.enabled:
             child.finish(child.find(), "pruned", reason=str(pruned), rows=monitor.rows,
                          from_epoch=_checkpoint_epoch(run_dir))
-        study.tell(trial, state=TrialState.PRUNED)
+        tell(study, trial, state=TrialState.PRUNED)
         return
     except KeyboardInterrupt:
         if child.enabled:
@@ -282,4 +282,16 @@ def finish_trial(study, trial, sweep: Sweep, metrics: dict, run_dir: Path, child
             return
         values.append(float(cost[COST_KEYS[cost_name]]))
     child.finish(run_id, "complete")
-    study.tell(trial, values)
+    tell(study, trial, values)
+
+
+def tell(study, trial, values=None, state=None) -> None:
+    """Tell the study how the trial ended, unless another host already took it for dead (no heartbeat reached
+    the study for STALE_AFTER_S) and queued it again: then its retry counts, and this result is dropped."""
+    from optuna.trial import TrialState
+    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        print(f"archlab: trial {trial.number} was taken for dead by a worker on another host and queued again (no "
+              f"heartbeat for {STALE_AFTER_S:.0f} s); this result is dropped and the retry counts", file=sys.stderr)
+        return
+    study.tell(trial, values, state=state, skip_if_finished=True)  # a recovery at this very moment: no crash
+
