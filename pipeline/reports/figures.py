@@ -420,7 +420,6 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
     layers, epochs, mean = matrix
     grid = np.array([[finite(v) or np.nan for v in row] for row in mean], dtype=float).T  # (L, E)
     dead = _dead_fraction_last(record)
-    positive = grid[np.isfinite(grid) & (grid > 0)]
     # Panels placed in inches: the heatmap's and the dead-unit bars' label widths vary with layer names.
     label_w = 0.15 + 0.05 * max(len(_short(name)) for name in layers)
     dead_label_w = 0.15 + 0.05 * max(len(_short(name)) for name in dead[0]) if dead else 0.0
@@ -432,25 +431,41 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
     height = plot_h + 1.25
     fig = Figure(figsize=(width, height))
     place = lambda x, w: fig.add_axes((x / width, 0.5 / height, w / width, plot_h / height))
-    axes = [place(label_w, heat_w), place(label_w + heat_w + cbar_gap, global_w)]
+    _layer_heatmap(fig, place(label_w, heat_w), grid, layers, epochs, colorbar_x=(label_w + heat_w + 0.08) / width,
+                   colorbar_w=0.1 / width)
+    _global_norm_panel(place(label_w + heat_w + cbar_gap, global_w), record, epochs)
     if dead:
-        axes.append(place(width - 0.25 - dead_w, dead_w))
-    labels = [_short(name) for name in layers]
-    ax = axes[0]
+        _dead_units_panel(place(width - 0.25 - dead_w, dead_w), *dead)
+    flags = record.raised_flags()
+    fig.suptitle(f"{record.name}: " + (", ".join(flags) if flags else "no gradient flags"), fontsize=9,
+                 y=1 - 0.12 / height, va="top")
+    caption = (f"Gradient health of {record.name}: mean gradient norm per layer and epoch (log colour, first layer "
+               "on top), the global norm's epoch mean and max"
+               + (", and the fraction of dead units per layer at the last epoch." if dead else "."))
+    return writer.save(fig, f"grad_{slug(record.name)}", anchor_grad(record.name),
+                       f"Gradient health — {record.name}", caption)
+
+
+def _layer_heatmap(fig, ax, grid: np.ndarray, layers: list[str], epochs: list[int], colorbar_x: float,
+                   colorbar_w: float) -> None:
+    """Mean gradient norm per layer (rows, first on top) and epoch, in log colour, with its colour bar."""
+    positive = grid[np.isfinite(grid) & (grid > 0)]
     if positive.size:
         norm = LogNorm(vmin=max(positive.min(), 1e-12), vmax=max(positive.max(), positive.min() * 10))
         image = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", interpolation="nearest", norm=norm,
                           cmap="viridis", extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(layers) - 0.5, -0.5))
-        colorbar_ax = fig.add_axes(((label_w + heat_w + 0.08) / width, ax.get_position().y0, 0.1 / width,
-                                    ax.get_position().height))
+        colorbar_ax = fig.add_axes((colorbar_x, ax.get_position().y0, colorbar_w, ax.get_position().height))
         bar = fig.colorbar(image, cax=colorbar_ax, label="mean ‖grad‖")
         log_axis(bar.ax.yaxis, norm.vmin, norm.vmax)
+    labels = [_short(name) for name in layers]
     step = _tick_every(len(layers), MAX_LABELLED_ROWS)
     ax.set_yticks(range(0, len(layers), step), [labels[i] for i in range(0, len(layers), step)], fontsize=6)
     ax.set_xlabel("epoch")
     ax.set_title("per-layer gradient norm")
 
-    ax = axes[1]
+
+def _global_norm_panel(ax, record: RunRecord, epochs: list[int]) -> None:
+    """The global gradient norm's epoch mean and max."""
     grad = record.diagnostics.get("grad_norm", {})
     for key, style, label in (("global_mean", "-", "mean"), ("global_max", ":", "max")):
         values = [finite(v) for v in grad.get(key) or []]
@@ -463,27 +478,20 @@ def grad_health(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
     ax.set_xlabel("epoch")
     ax.set_title("global gradient norm")
     ax.grid(alpha=0.25)
-    if dead:
-        names, fractions = dead
-        ax = axes[2]
-        y = np.arange(len(names))
-        ax.barh(y, fractions, color="#de2d26")
-        step = _tick_every(len(names), MAX_LABELLED_ROWS)
-        ax.set_yticks(y[::step], [_short(n) for n in names[::step]], fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
-        ax.set_title("dead units (last epoch)")
-        ax.set_xlabel("fraction")
-        ax.grid(axis="x", alpha=0.25)
-    flags = record.raised_flags()
-    fig.suptitle(f"{record.name}: " + (", ".join(flags) if flags else "no gradient flags"), fontsize=9,
-                 y=1 - 0.12 / height, va="top")
-    caption = (f"Gradient health of {record.name}: mean gradient norm per layer and epoch (log colour, first layer "
-               "on top), the global norm's epoch mean and max"
-               + (", and the fraction of dead units per layer at the last epoch." if dead else "."))
-    return writer.save(fig, f"grad_{slug(record.name)}", anchor_grad(record.name),
-                       f"Gradient health — {record.name}", caption)
+
+
+def _dead_units_panel(ax, names: list[str], fractions: list[float]) -> None:
+    """The fraction of dead units per ReLU-family layer at the last epoch."""
+    y = np.arange(len(names))
+    ax.barh(y, fractions, color="#de2d26")
+    step = _tick_every(len(names), MAX_LABELLED_ROWS)
+    ax.set_yticks(y[::step], [_short(n) for n in names[::step]], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+    ax.set_title("dead units (last epoch)")
+    ax.set_xlabel("fraction")
+    ax.grid(axis="x", alpha=0.25)
 
 
 def confusion(writer: FigureWriter, record: RunRecord) -> FigureRef | None:
