@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,12 +57,39 @@ class TaskDefaults:
         """How the model runs for inference on a batch (cost measurement): its forward on x."""
         return model.example_forward(x)
 
+    # Per-example test records (records.npz; see engine/examples.py). A task that keeps them says how they add
+    # up to its main metric: Σ numerator / Σ denominator over the examples (no denominator: the numerator's mean).
+    keeps_records = False
+    records_ratio: tuple[str, str | None] | None = None
+
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+        """Each test example's scores (the model in eval mode, no grad); {} for a task that keeps none."""
+        return {}
+
+    def metric_from_records(self, records: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+        """The main metric on resampled examples: idx (R, M) indices into the records → (R,) values."""
+        num, den = self.records_ratio
+        top = records[num][idx].astype(np.float64).sum(-1)
+        bottom = records[den][idx].astype(np.float64).sum(-1) if den else idx.shape[-1]
+        return top / bottom
+
+    def example_scores(self, records: dict[str, np.ndarray]) -> np.ndarray:
+        """One number per example whose mean moves with the metric: between two models on the same examples,
+        the mean paired difference has the sign of their metrics' difference."""
+        return records[self.records_ratio[0]].astype(np.float64)
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Model outputs over a whole split, in eval mode, batch by batch."""
     model.eval()
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 512):
+    """(x, y) in consecutive batches of `size` (evaluation of a whole split without holding all activations)."""
+    for i in range(0, len(x), size):
+        yield x[i:i + size], y[i:i + size]
 
 
 def add_stats(total: Stats, stats: Stats) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,8 @@ class ClassifyTask(TaskDefaults):
     name: str = "classify"
     metric: str = "accuracy"
     reads: frozenset[str] = frozenset({"class"})
+    keeps_records = True
+    records_ratio = ("correct", None)  # accuracy
 
     def phases(self, model: Model) -> list[Phase]:
         return model.training_phases(_classify_loss)
@@ -45,3 +48,8 @@ class ClassifyTask(TaskDefaults):
         return {"accuracy": (pred == y).float().mean().item(), "macro_f1": f1[present].mean().item(),
                 "cross_entropy": F.cross_entropy(logits, y).item(), "confusion_matrix": confusion.tolist(),
                 "classes": meta.get("classes")}
+
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+        logits = predict(model, x)  # (N, K)
+        return {"correct": (logits.argmax(1) == y).cpu().numpy(),
+                "loss": F.cross_entropy(logits, y, reduction="none").cpu().numpy().astype(np.float32)}

@@ -10,11 +10,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.contract import Model, Phase, Stats
-from pipeline.engine.tasks.base import TaskDefaults, add_stats
+from pipeline.engine.tasks.base import TaskDefaults, add_stats, batches
 from pipeline.io import atomic_write_text
 
 
@@ -51,6 +52,8 @@ class LMTask(TaskDefaults):
     name: str = "lm"
     metric: str = "bits_per_char"
     reads: frozenset[str] = frozenset({"text"})
+    keeps_records = True
+    records_ratio = ("loss_bits", "tokens")  # bits_per_char
     prompt_len: int = 16
     sample_tokens: int = 200
 
@@ -102,3 +105,12 @@ def _epoch_sections(text: str) -> list[tuple[int, str]]:
         if header.isdigit():
             sections.append((int(header), body[:-1] if body.endswith("\n") else body))
     return sections
+
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+        """Per test sequence: −Σ log2 P(x_t | x_<t) and the number of tokens."""
+        losses = []
+        for xb, yb in batches(x, y):
+            logits = model(xb)  # (B, T, V)
+            losses.append(F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").sum(1) / math.log(2))
+        return {"loss_bits": torch.cat(losses).cpu().numpy().astype(np.float64),
+                "tokens": np.full(len(x), y.shape[1], dtype=np.int64)}

@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from models.contract import Model, Phase, Stats
-from pipeline.engine.tasks.base import TaskDefaults, add_stats, predict, seeded
+from pipeline.engine.tasks.base import TaskDefaults, add_stats, batches, predict, seeded
 from pipeline.engine.tasks.samples import FeatureReference, one_per_class, sample_quality, write_sample_grid
 
 
@@ -23,6 +24,8 @@ class ReconstructTask(TaskDefaults):
     name: str = "reconstruct"
     metric: str = "mse"  # every variant's reconstruction error (per entry, normalised units); a vae adds elbo
     reads: frozenset[str] = frozenset({"class", "value"})
+    keeps_records = True
+    records_ratio = ("sse", "elements")  # mse
     grid_columns: int = 10
     reference: FeatureReference = field(default_factory=FeatureReference)  # scores a vae's samples
 
@@ -92,3 +95,12 @@ class ReconstructTask(TaskDefaults):
         if model.can_sample:
             out.update(sample_quality(self.reference.load(x.device), model, x, self.reference.meta))
         return out
+
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+        """Squared error of each example's reconstruction (z = μ for a vae, clean inputs for a dae)."""
+        sse = []
+        for xb, _ in batches(x, y):
+            recon = model.reconstruct(xb)[0]
+            sse.append((recon - xb).pow(2).flatten(1).sum(1))
+        return {"sse": torch.cat(sse).cpu().numpy().astype(np.float64),
+                "elements": np.full(len(x), x[0].numel(), dtype=np.int64)}

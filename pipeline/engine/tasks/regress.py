@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,7 @@ class RegressTask(TaskDefaults):
     name: str = "regress"
     metric: str = "r2"
     reads: frozenset[str] = frozenset({"value"})
+    keeps_records = True  # R² is not a ratio of sums over examples: its own metric_from_records
 
     def phases(self, model: Model) -> list[Phase]:
         return model.training_phases(_regress_loss)
@@ -50,3 +52,20 @@ class RegressTask(TaskDefaults):
         sst = ((true - true.mean(0)) ** 2).sum(0)
         return {"mse": ((pred - true) ** 2).mean().item(), "mae": (pred - true).abs().mean().item(),
                 "r2": (1 - sse / sst.clamp(min=1e-12)).mean().item()}
+
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+        """Squared errors and targets in the target's original units (R² needs the targets' spread)."""
+        norm = meta["normalisation"]
+        mean, std = (torch.tensor(norm[k], dtype=y.dtype, device=y.device) for k in ("y_mean", "y_std"))
+        pred, true = predict(model, x) * std + mean, y * std + mean  # (N, D)
+        return {"se": ((pred - true) ** 2).cpu().numpy().astype(np.float64),
+                "target": true.cpu().numpy().astype(np.float64)}
+
+    def metric_from_records(self, records: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+        """R² averaged over target dimensions, as summarize reports it: se, target (R, M, D) → (R,)."""
+        se, target = records["se"][idx], records["target"][idx]
+        sst = ((target - target.mean(-2, keepdims=True)) ** 2).sum(-2)  # (R, D)
+        return (1 - se.sum(-2) / np.maximum(sst, 1e-12)).mean(-1)
+
+    def example_scores(self, records: dict[str, np.ndarray]) -> np.ndarray:
+        return -records["se"].sum(-1)  # for R² on the same examples the spread is fixed: less error, higher R²

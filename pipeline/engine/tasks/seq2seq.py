@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.contract import Model, Phase, Stats
 from models.tokens import BOS, EOS, PAD
-from pipeline.engine.tasks.base import TaskDefaults, add_stats
+from pipeline.engine.tasks.base import TaskDefaults, add_stats, batches
 
 
 def teacher_forcing_input(y: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,8 @@ class Seq2SeqTask(TaskDefaults):
     name: str = "seq2seq"
     metric: str = "exact_accuracy"
     reads: frozenset[str] = frozenset({"token pairs"})
+    keeps_records = True
+    records_ratio = ("exact", None)  # exact_accuracy: the whole sequence right
 
     def phases(self, model: Model) -> list[Phase]:
         return model.training_phases(_seq2seq_loss)
@@ -101,3 +104,17 @@ def decode_tokens(ids: torch.Tensor, itos: list[str] | None) -> str:
             continue
         out.append(itos[i] if itos and i < len(itos) else f"[{i}]")
     return ("" if all(len(s) == 1 for s in out) else " ").join(out)
+
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+        """Greedy decoding per sequence: whole sequence right, tokens right, tokens; teacher-forced loss."""
+        parts: dict[str, list] = {"exact": [], "token_correct": [], "tokens": [], "loss": []}
+        for xb, yb in batches(x, y):
+            real = yb != PAD
+            hits = (model.generate(xb, yb.shape[1]) == yb) & real  # (B, T)
+            logits = model(xb, teacher_forcing_input(yb))  # (B, T, V)
+            loss = F.cross_entropy(logits.transpose(1, 2), yb, ignore_index=PAD, reduction="none").sum(1)  # (B,)
+            parts["exact"].append((hits | ~real).all(1))
+            parts["token_correct"].append(hits.sum(1))
+            parts["tokens"].append(real.sum(1))
+            parts["loss"].append(loss)
+        return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
