@@ -30,6 +30,7 @@ from models.layers.init import connection_weights
 from pipeline.data.prepare import Prepared, redraw_split
 from pipeline.engine import distributed, interrupts
 from pipeline.engine.diagnostics import make_monitor
+from pipeline.engine.runfiles import RunMetrics, write_run_file
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tracking import Tracker
@@ -422,35 +423,29 @@ class Trainer:
         return self.model
 
     # outputs -------------------------------------------------------------------
-    def metrics(self) -> dict:
+    def metrics(self) -> RunMetrics:
         history = self.state.history
         last = history[-1] if history else {}
         best = history[self.state.best_epoch - 1] if self.state.best_epoch else last
         n_train = len(self.train_x)
-        return {
-            "name": self.spec.name,
-            "status": self.state.status,
-            "task": self.spec.task,
-            "kind": self.spec.model.kind,
-            "dataset": self.spec.data.dataset,
-            "main_metric": self.task.metric,
-            "epochs": self.state.epoch,
-            "steps": self.state.step,
-            "best_epoch": self.state.best_epoch,
-            "final": {k: v for k, v in last.items() if k.startswith(("train/", "val/"))},
-            "best": {k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
-            "train_time_s": round(self.state.train_time_s, 3),
-            "train_samples_per_s": round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
-            "spec_hash": self.spec.spec_hash(),
-            "mlflow_run_id": self.state.run_id,
-        }
+        return RunMetrics(
+            name=self.spec.name, status=self.state.status, task=self.spec.task, kind=self.spec.model.kind,
+            dataset=self.spec.data.dataset, main_metric=self.task.metric, epochs=self.state.epoch,
+            steps=self.state.step, best_epoch=self.state.best_epoch,
+            final={k: v for k, v in last.items() if k.startswith(("train/", "val/"))},
+            best={k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
+            train_time_s=round(self.state.train_time_s, 3),
+            train_samples_per_s=round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
+            spec_hash=self.spec.spec_hash(), mlflow_run_id=self.state.run_id)
 
     def write_outputs(self) -> dict:
-        metrics = self.metrics()
+        """history.csv, metrics.json and diagnostics.json (rank 0) → metrics.json's content, on every rank."""
+        record = self.metrics()
+        metrics = record.model_dump(exclude_unset=True)
         if not self.ranks.is_main:
             return metrics
         atomic_write_text(self.run_dir / "history.csv", history_csv(self.state.history))
-        atomic_write_json(self.run_dir / "metrics.json", metrics)
+        write_run_file(self.run_dir, record)
         diagnostics = self.monitor.summary(self.state.history, self.spec.diagnostics, metrics)  # reads status, metric
         atomic_write_json(self.run_dir / "diagnostics.json", diagnostics)
         return metrics
