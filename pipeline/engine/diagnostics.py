@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from models.contract import Model, Phase
+from pipeline.engine.distributed import Ranks
 from pipeline.engine.verdicts import SPIKE_RECORD, clean_json, flag_tags, gradient_flags, history_summary
 
 # ── tunables that are not worth a spec field ────────────────────────────────────
@@ -106,6 +107,8 @@ class NullMonitor:
 
     _last: dict | None = None  # the summary, once written
 
+    def before_average(self, phase: str) -> None: ...
+
     def after_backward(self, phase: str) -> None: ...
 
     def after_clip(self, phase: str) -> None: ...
@@ -134,9 +137,11 @@ class NullMonitor:
 class GradientMonitor:
     """Per-layer gradient norms, update ratios and activation statistics; flags and overfitting at the end."""
 
-    def __init__(self, spec, model: Model, phases: list[Phase], probe_x: torch.Tensor, probe_y: torch.Tensor):
+    def __init__(self, spec, model: Model, phases: list[Phase], probe_x: torch.Tensor, probe_y: torch.Tensor,
+                 ranks: Ranks = Ranks()):
         self.spec = spec
         self.model = model
+        self.ranks = ranks
         self.probe_x, self.probe_y = probe_x, probe_y
         self.index = index_layers(model, phases)
         self.device = self.index.params[0].device if self.index.params else torch.device("cpu")
@@ -146,6 +151,7 @@ class GradientMonitor:
         # per-epoch device buffers
         self._step_norms: dict[str, list[torch.Tensor]] = defaultdict(list)  # phase → [(P_phase,)] per step
         self._clipped_sq: dict[str, list[torch.Tensor]] = defaultdict(list)  # phase → [() squared norm] per step
+        self._local_sq: dict[str, list[torch.Tensor]] = defaultdict(list)  # phase → [() this rank's, squared]
         self._snapshot: list[torch.Tensor] | None = None
         self._ratio: torch.Tensor | None = None  # (L,) this epoch's update ratio
         self._steps_in_epoch = 0
@@ -157,6 +163,19 @@ class GradientMonitor:
         self._last: dict | None = None
 
     # called by the engine every step -------------------------------------------------
+    def before_average(self, phase: str) -> None:
+        """Under data parallelism: this rank's own gradient norm, from its shard, before the ranks average."""
+        if self.ranks.active and self.spec.grad_norms:
+            norms = torch.stack(torch._foreach_norm(self._grads(self._phase_ids(phase))))
+            self._local_sq[phase].append((norms.float() ** 2).sum())
+
+    def _phase_ids(self, phase: str) -> list[int]:
+        ids = self.index.phase_params.get(phase)
+        if ids is None:  # a phase the model did not announce: count every parameter under it
+            ids = self.index.phase_params[phase] = list(range(len(self.index.params)))
+            self._grouping[phase] = self._all_grouping
+        return ids
+
     def after_backward(self, phase: str) -> None:
         if self.spec.update_ratio and self._snapshot is None and self._steps_in_epoch == self.state["measure_at"]:
             # Weights before this step's update (the first phase's backward comes before any phase steps).
@@ -164,10 +183,7 @@ class GradientMonitor:
                 self._snapshot = torch._foreach_mul([p.detach() for p in self.index.params], 1.0)
         if not self.spec.grad_norms:
             return
-        ids = self.index.phase_params.get(phase)
-        if ids is None:  # a phase the model did not announce: count every parameter under it
-            ids = self.index.phase_params[phase] = list(range(len(self.index.params)))
-            self._grouping[phase] = self._all_grouping
+        ids = self._phase_ids(phase)
         self._step_norms[phase].append(torch.stack(torch._foreach_norm(self._grads(ids))))  # (P_phase,), no sync
 
     def after_clip(self, phase: str) -> None:
@@ -201,6 +217,9 @@ class GradientMonitor:
         if self._clipped_sq:
             steps = min(len(v) for v in self._clipped_sq.values())
             parts["clipped"] = sum(torch.stack(v[:steps]) for v in self._clipped_sq.values()).sqrt()  # (S,)
+        if self._local_sq:
+            steps = min(len(v) for v in self._local_sq.values())
+            parts["local"] = sum(torch.stack(v[:steps]) for v in self._local_sq.values()).sqrt()  # (S,)
         if self._ratio is not None:
             parts["ratio"] = self._ratio
         if self.spec.activation_stats:
@@ -209,6 +228,7 @@ class GradientMonitor:
         self._record(epoch, host)
         self._step_norms.clear()
         self._clipped_sq.clear()
+        self._local_sq.clear()
         self._ratio, self._snapshot = None, None
         self.state["measure_at"] = self._steps_in_epoch // 2
         self._steps_in_epoch = 0
@@ -253,6 +273,8 @@ class GradientMonitor:
             s.setdefault("clipped_mean", []).append(_mean_or_nan(host["clipped"]))
             s.setdefault("clipped_max", []).append(max(host["clipped"]))
         self._scan_spikes(epoch, steps)
+        if self.ranks.active and self.spec.grad_norms:  # every rank gathers: the collective needs them all
+            s.setdefault("rank_global_mean", []).append(self.ranks.gather(_mean_or_nan(host.get("local", []))))
         if "act_mean" in host:
             s["act_mean"].append(host["act_mean"])
             s["act_std"].append(host["act_std"])
@@ -373,6 +395,9 @@ class GradientMonitor:
                           # after the clip (runs with train.grad_clip only); every other norm is before it
                           **({"global_clipped_mean": s["clipped_mean"], "global_clipped_max": s["clipped_max"]}
                              if "clipped_mean" in s else {}),
+                          # data-parallel runs: per epoch, each rank's own gradient norm (its shard's, before
+                          # the ranks average); global_mean is the total, the norm of the averaged gradient
+                          **({"per_rank_global_mean": s["rank_global_mean"]} if "rank_global_mean" in s else {}),
                           "scope": "per layer, in the phase that updates it; global over all phases"},
             "update_ratio": s["update_ratio"],
             "activations": {"layers": s["act_layers"] or [], "mean": s["act_mean"], "std": s["act_std"],
@@ -412,8 +437,9 @@ def _read_back(parts: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     return out
 
 
-def make_monitor(spec, model: Model, phases: list[Phase], probe_x: torch.Tensor, probe_y: torch.Tensor):
+def make_monitor(spec, model: Model, phases: list[Phase], probe_x: torch.Tensor, probe_y: torch.Tensor,
+                 ranks: Ranks = Ranks()):
     """The engine's monitor: a GradientMonitor when diagnostics are on, else one that records nothing."""
     if not spec.enabled or not any(p.requires_grad for p in model.parameters()):
         return NullMonitor()
-    return GradientMonitor(spec, model, phases, probe_x, probe_y)
+    return GradientMonitor(spec, model, phases, probe_x, probe_y, ranks)

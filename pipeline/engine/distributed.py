@@ -161,13 +161,16 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def add_rank_figures(cost: dict, ranks: Ranks, train_times: list[float]) -> dict:
+def add_rank_figures(cost: dict, ranks: Ranks, train_times: list[float], peak_memory_mb: list[float]) -> dict:
     """Cost of a data-parallel run: throughput in total and per rank, each rank's training time (a straggler
-    shows), MFU against the peak of all ranks."""
+    shows) and peak memory (peak_memory_mb stays rank 0's; the total is their sum), MFU against the peak of all
+    ranks."""
     total = cost.get("train_samples_per_s")
     out = {**cost, "world_size": ranks.world,
            "train_samples_per_s_per_rank": total / ranks.world if total else None,
-           "train_time_s_per_rank": [round(t, 3) for t in train_times]}
+           "train_time_s_per_rank": [round(t, 3) for t in train_times],
+           "peak_memory_mb_per_rank": [round(m, 1) for m in peak_memory_mb],
+           "peak_memory_mb_total": round(sum(peak_memory_mb), 1)}
     if cost.get("mfu") is not None:
         out["mfu"] = cost["mfu"] / ranks.world
     return out

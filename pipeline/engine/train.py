@@ -210,7 +210,8 @@ class Trainer:
             opt, lambda s: lr_factor(spec.train.schedule, s, self.steps_per_epoch, self.total_steps))
             for opt in self.optimizers]
         self.batch_gen = torch.Generator().manual_seed(spec.train.seed)
-        self.monitor = make_monitor(spec.diagnostics, self.model, self.phases, self.train_x[:256], self.train_y[:256])
+        self.monitor = make_monitor(spec.diagnostics, self.model, self.phases, self.train_x[:256], self.train_y[:256],
+                                    self.ranks)
         self.state = RunState()
 
     def _split(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +282,7 @@ class Trainer:
                 if l1 and penalised:  # once per rank, unweighted: averaging the ranks' gradients keeps it once
                     loss = loss + l1 * torch.stack([w.abs().sum() for w in penalised]).sum()
                 loss.backward()
+                self.monitor.before_average(phase.name)
                 self.ranks.average_gradients(phase.params)
                 self.monitor.after_backward(phase.name)
                 if clip:
@@ -520,7 +522,7 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
 
     `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
     """
-    from pipeline.engine.cost import measure_cost
+    from pipeline.engine.cost import measure_cost, peak_memory
     from pipeline.engine.tracking import number_text, source_tags, spec_params
 
     run_dir = Path(run_dir)
@@ -557,12 +559,13 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
                 # Epochs after the last checkpoint are not sent: a resume trains and logs them again.
                 trainer.tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", flush=False)
         raise
-    train_times = trainer.ranks.gather(trainer.state.train_time_s)  # every rank joins, before rank 0 goes on
+    # Every rank joins, before rank 0 goes on: each one's training time and peak memory.
+    per_rank = trainer.ranks.gather((trainer.state.train_time_s, peak_memory(trainer.device)[0]))
     if not trainer.ranks.is_main:
         return metrics
     cost = measure_cost(trainer, metrics)
     if trainer.ranks.active:
-        cost = distributed.add_rank_figures(cost, trainer.ranks, train_times)
+        cost = distributed.add_rank_figures(cost, trainer.ranks, *zip(*per_rank))
     atomic_write_json(run_dir / "cost.json", cost)
     if trainer.tracker is not None:
         tracker = trainer.tracker

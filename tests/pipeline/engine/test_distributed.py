@@ -2,6 +2,7 @@
 one process trains, and a two-rank run killed with SIGKILL resumes to the end a straight run reaches."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,17 @@ def test_two_ranks_train_like_one_process_and_resume_after_a_kill(tmp_path, monk
         cost["train_samples_per_s"], rel=1e-3)
     assert len(cost["train_time_s_per_rank"]) == 2 and cost["train_time_s_per_rank"][0] == pytest.approx(
         cost["train_time_s"], rel=1e-3)
+    assert len(cost["peak_memory_mb_per_rank"]) == 2 and all(m > 0 for m in cost["peak_memory_mb_per_rank"])
+    assert cost["peak_memory_mb_total"] == pytest.approx(sum(cost["peak_memory_mb_per_rank"]), rel=1e-3)  # rounded
+    # diagnostics: each rank's own gradient norm per epoch beside the total (the averaged gradient's norm)
+    grad = json.loads((project / "runs/two/seed-3/diagnostics.json").read_text())["grad_norm"]
+    per_rank = grad["per_rank_global_mean"]
+    assert len(per_rank) == 40 and all(len(epoch) == 2 for epoch in per_rank)
+    assert all(r0 != r1 for r0, r1 in per_rank)  # two shards, two gradients
+    # the norm of a mean is at most the mean of the norms (per step, so also over the epoch's mean)
+    assert all(total <= (r0 + r1) / 2 * (1 + 1e-3) for total, (r0, r1) in zip(grad["global_mean"], per_rank))
+    assert "per_rank_global_mean" not in json.loads(
+        (project / "runs/one/seed-3/diagnostics.json").read_text())["grad_norm"]  # one process: no ranks
 
     killed = project / "runs/killed"
     kill_mid_run([sys.executable, "-m", "pipeline.cli", *ARGS, "--out", str(killed), "--nproc", "2"],
