@@ -63,7 +63,119 @@ class Evaluation(BaseModel):
                                                           "when the task keeps none.")
 
 
-FILES: dict[str, type[BaseModel]] = {"metrics.json": RunMetrics, "eval.json": Evaluation}
+Series = list[Number | None]  # one value per epoch; null where not measured or not finite
+Matrix = list[list[Number | None] | None]  # epoch × layer (or × rank)
+
+
+class Closed(BaseModel):
+    """A part of a run file with a closed set of keys. Keys added after the first runs were written have defaults
+    (their writers always set them), so the run folders written before them still read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class GradNorms(Closed):
+    """Gradient norms per epoch: per layer (epoch × layer) and global (over all parameters)."""
+
+    mean: Matrix = Field(description="Mean over the epoch's steps of each layer's gradient norm (epoch × layer).")
+    min: Matrix = Field(description="Smallest step's gradient norm per layer (epoch × layer).")
+    max: Matrix = Field(description="Largest step's gradient norm per layer (epoch × layer).")
+    global_mean: Series = Field(description="Mean over the steps of the global gradient norm.")
+    global_max: Series = Field(description="Largest step's global gradient norm.")
+    global_clipped_mean: Series | None = Field(default=None, description="global_mean after clipping (runs "
+                                                                         "with train.grad_clip only).")
+    global_clipped_max: Series | None = Field(default=None, description="global_max after clipping.")
+    per_rank_global_mean: Matrix | None = Field(default=None, description="Data-parallel runs: each rank's own "
+                                                "global norm (its shard's, before averaging), epoch × rank.")
+    scope: str | None = Field(default=None, description="What the norms cover.")
+
+
+class Activations(Closed):
+    """Activation statistics of each watched layer on a fixed probe batch, per epoch."""
+
+    layers: list[str] = Field(description="The watched layers.")
+    mean: Matrix = Field(description="Mean activation (epoch × layer).")
+    std: Matrix = Field(description="Activation standard deviation (epoch × layer).")
+    dead_fraction: Matrix = Field(description="Fraction of units never active on the probe (epoch × layer).")
+    relu_family: list[bool] | None = Field(default=None, description="Per layer: a ReLU-like unit (dead units are meaningful).")
+    error: str | None = Field(default=None, description="Why activations could not be recorded; null when they were.")
+
+
+class Spike(Closed):
+    """One step whose global gradient norm jumped over the running median."""
+
+    epoch: int = Field(description="The epoch (1-based).")
+    step_in_epoch: int = Field(description="The step within the epoch (0-based).")
+    norm: Number | None = Field(description="The step's global gradient norm.")
+    median: Number | None = Field(description="The running median it is compared with.")
+    ratio: Number | None = Field(description="norm / median.")
+
+
+class Overfitting(Closed):
+    """Generalisation gaps, overfitting onset and the fit verdict (rules: pipeline/engine/verdicts.py)."""
+
+    best_epoch: int | None = Field(description="The epoch judged (the best one).")
+    onset_epoch: int | None = Field(description="Where overfitting set in; null if it did not.")
+    gap_best: dict[str, Number | None] = Field(description="Validation minus training loss and metric, best epoch.")
+    gap_final: dict[str, Number | None] = Field(description="The same at the final epoch.")
+    verdict: str = Field(description="good fit, overfit, underfit, diverged or n/a.")
+    metric: str | None = Field(default=None, description="The metric the gaps use.")
+    min_val_loss_epoch: int | None = Field(default=None, description="The epoch of the lowest validation loss.")
+    val_loss_rise: Number | None = Field(default=None, description="Relative rise of the validation loss after its minimum.")
+    rule: str | None = Field(default=None, description="Which rule gave the verdict, in words.")
+
+
+class Diagnostics(Closed):
+    """diagnostics.json: gradient health, activations, flags and the overfitting verdict of a run."""
+
+    model_config = ConfigDict(extra="forbid", title="diagnostics.json")
+    enabled: bool = Field(description="Whether gradients and activations were measured (diagnostics on); "
+                                      "without, only the flags the loss history gives.")
+    layers: list[str] | None = Field(default=None, description="The layers, in order from the input.")
+    layer_phase: list[str] | None = Field(default=None, description="Per layer: the phase that updates it.")
+    epochs: list[int] | None = Field(default=None, description="The epochs measured.")
+    grad_norm: GradNorms | None = Field(default=None, description="Gradient norms.")
+    update_ratio: Matrix | None = Field(default=None, description="Update size over weight size (epoch × layer).")
+    activations: Activations | None = Field(default=None, description="Activation statistics.")
+    exploding_events: list[Spike] | None = Field(default=None, description="Steps whose norm spiked (at most 20).")
+    largest_spike: Spike | None = Field(default=None, description="The largest spike, raised or not.")
+    nonfinite_gradient_steps: int | None = Field(default=None, description="Steps with a NaN or Inf gradient.")
+    flags: dict[str, bool] = Field(description="Each flag (vanishing, exploding, dead_units, unstable, "
+                                               "diverged): raised or not.")
+    flag_details: dict[str, str] | None = Field(default=None, description="Each flag's reason, in words.")
+    overfitting: Overfitting | None = Field(default=None, description="Gaps, onset and fit verdict.")
+
+
+class Cost(Closed):
+    """cost.json: size, compute, speed and memory of a trained run; a figure that could not be measured is null,
+    with its reason under `unavailable`."""
+
+    model_config = ConfigDict(extra="forbid", title="cost.json")
+    params_total: int | None = Field(description="Parameters.")
+    params_trainable: int | None = Field(description="Trainable parameters.")
+    flops_forward_per_sample: Number | None = Field(description="FLOPs of one forward pass, per example.")
+    flops_train_step_per_sample: Number | None = Field(description="FLOPs of one training step, per example.")
+    train_time_s: Number | None = Field(description="Seconds of training.")
+    train_samples_per_s: Number | None = Field(description="Training examples per second (all ranks).")
+    infer_samples_per_s: Number | None = Field(description="Inference examples per second.")
+    latency_ms_p50: Number | None = Field(description="Median latency of one small batch, ms.")
+    latency_ms_p95: Number | None = Field(description="95th percentile latency, ms.")
+    peak_memory_mb: Number | None = Field(description="Peak memory (rank 0's), MB.")
+    memory_kind: str | None = Field(description="What peak_memory_mb measures (cuda allocator, process rss).")
+    peak_flops: Number | None = Field(description="The device's peak matmul FLOP/s.")
+    mfu: Number | None = Field(description="Model FLOPs utilisation: achieved over peak FLOP/s.")
+    device: str = Field(description="The device trained on.")
+    device_name: str | None = Field(description="The device's model name.")
+    unavailable: dict[str, str] | None = Field(default=None, description="Figure → why it could not be measured.")
+    world_size: int | None = Field(default=None, description="Data-parallel runs: number of ranks.")
+    train_samples_per_s_per_rank: Number | None = Field(default=None, description="Throughput per rank.")
+    train_time_s_per_rank: list[Number] | None = Field(default=None, description="Each rank's training time.")
+    peak_memory_mb_per_rank: list[Number] | None = Field(default=None, description="Each rank's peak memory, MB.")
+    peak_memory_mb_total: Number | None = Field(default=None, description="Sum of the ranks' peak memory, MB.")
+
+
+FILES: dict[str, type[BaseModel]] = {"metrics.json": RunMetrics, "eval.json": Evaluation,
+                                     "diagnostics.json": Diagnostics, "cost.json": Cost}
 _FILE_OF = {model: name for name, model in FILES.items()}
 R = TypeVar("R", bound=BaseModel)
 
@@ -119,7 +231,8 @@ def read_run_fields(run_dir: str | Path, record: type[BaseModel]) -> dict:
             print(f"warning: {path}: {key}: not a key of {_FILE_OF[record]}; ignored", file=sys.stderr)
             continue
         try:
-            fields[key] = _adapter(record, key).validate_python(value)
+            adapter = _adapter(record, key)
+            fields[key] = adapter.dump_python(adapter.validate_python(value), exclude_unset=True)  # plain again
         except ValidationError as err:
             print(f"warning: {path}: {key}: {err.errors(include_url=False)[0]['msg']}; ignored", file=sys.stderr)
     return fields

@@ -30,11 +30,11 @@ from models.layers.init import connection_weights
 from pipeline.data.prepare import Prepared, redraw_split
 from pipeline.engine import distributed, interrupts
 from pipeline.engine.diagnostics import make_monitor
-from pipeline.engine.runfiles import RunMetrics, write_run_file
+from pipeline.engine.runfiles import FILES, Cost, Diagnostics, RunMetrics, write_run_file
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tracking import Tracker
-from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_torch_save, atomic_write_text
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
 from pipeline.specs.metrics import Mode, is_better
@@ -449,7 +449,7 @@ class Trainer:
         atomic_write_text(self.run_dir / "history.csv", history_csv(self.state.history))
         write_run_file(self.run_dir, record)
         diagnostics = self.monitor.summary(self.state.history, self.spec.diagnostics, metrics)  # reads status, metric
-        atomic_write_json(self.run_dir / "diagnostics.json", diagnostics)
+        write_run_file(self.run_dir, Diagnostics.model_validate(diagnostics))
         return metrics
 
 
@@ -566,14 +566,15 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     cost = measure_cost(trainer, metrics)
     if trainer.ranks.active:
         cost = distributed.add_rank_figures(cost, trainer.ranks, *zip(*per_rank))
-    atomic_write_json(run_dir / "cost.json", cost)
+    write_run_file(run_dir, Cost.model_validate(cost))
     if trainer.tracker is not None:
         tracker = trainer.tracker
         tracker.set_tags({"status": metrics["status"], **trainer.monitor.tags()})
         # Cost numbers are params: one value each, a column of the runs table, not a lone dot in the charts.
         tracker.log_params({f"cost.{k}": number_text(v) for k, v in cost.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for name in ("history.csv", "metrics.json", "diagnostics.json", "cost.json", CHECKPOINT):
+        trained = [name for name in FILES if name != "eval.json"]  # eval.json comes later, from `archlab evaluate`
+        for name in ("history.csv", *trained, CHECKPOINT):
             if (run_dir / name).is_file():
                 tracker.log_artifact(run_dir / name)
         tracker.log_artifact(spec_path)

@@ -6,13 +6,12 @@ missing reads as None and shows as "—" in the reports.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.engine.runfiles import Evaluation, RunMetrics, path_of, read_run_fields
+from pipeline.engine.runfiles import Cost, Diagnostics, Evaluation, RunMetrics, path_of, read_run_fields
 from pipeline.engine.verdicts import FLAG_NAMES, HISTORY_FLAGS
 from pipeline.specs.metrics import Mode, metric_mode
 
@@ -36,15 +35,6 @@ def read_history(path: Path) -> list[dict[str, float]]:
                     continue
             rows.append(row)
     return rows
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file, or {} when the file is missing or unreadable (a half-finished run)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def finite(value) -> float | None:
@@ -245,8 +235,8 @@ def load_run(name: str, runs_dir: Path, seeds: list[int] | None = None) -> RunRe
         seed_histories={seed: read_history(folder / "history.csv") for seed, folder in seed_dirs.items()},
         metrics=read_run_fields(run_dir, RunMetrics),
         evaluation=read_run_fields(run_dir, Evaluation),
-        diagnostics=read_json(run_dir / "diagnostics.json"),
-        cost=read_json(run_dir / "cost.json"),
+        diagnostics=read_run_fields(run_dir, Diagnostics),
+        cost=read_run_fields(run_dir, Cost),
         history=read_history(run_dir / "history.csv"),
         sample_images=sample_images(run_dir),
         sample_text=last_sample_text(run_dir),

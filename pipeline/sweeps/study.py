@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.engine import interrupts
 from pipeline.engine.repeats import available_cores
+from pipeline.engine.runfiles import Cost, read_run_fields
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec
 from pipeline.specs.sweep import COST_KEYS, Sweep, load_sweep
@@ -532,8 +533,8 @@ def run_trial(study, trial, sweep: Sweep, data, job: SweepJob) -> None:
 
 
 def _cost_values(run_dir: Path) -> dict:
-    path = run_dir / "cost.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The trial run's cost.json; {} without one (an objective that needs it then fails the trial, naming it)."""
+    return read_run_fields(run_dir, Cost)
 
 
 def finish_trial(study, trial, sweep: Sweep, metrics: dict, run_dir: Path, child: ChildRun) -> None:

@@ -44,8 +44,10 @@ def test_the_schema_takes_a_real_runs_file_and_refuses_a_wrong_typed_key(run_dir
     schema = run_file_schemas()[schema_name(name)]
     content = json.loads((run_dir / name).read_text())
     jsonschema.validate(content, schema)
-    with pytest.raises(jsonschema.ValidationError, match="'2' is not of type 'integer'"):
-        jsonschema.validate({**content, "seed" if name == "eval.json" else "epochs": "2"}, schema)
+    key = {"metrics.json": "epochs", "eval.json": "seed", "diagnostics.json": "enabled", "cost.json": "params_total"}
+    with pytest.raises(jsonschema.ValidationError) as caught:
+        jsonschema.validate({**content, key[name]: "2"}, schema)
+    assert list(caught.value.path) == [key[name]] and caught.value.instance == "2"
     with pytest.raises(jsonschema.ValidationError, match="Additional properties"):
         jsonschema.validate({**content, "mistyped_key": 1}, schema)
 
@@ -89,3 +91,22 @@ def test_an_optional_key_stays_out_of_the_file_until_it_is_set(tmp_path):
     evaluation.records = "records.npz"
     write_run_file(tmp_path, evaluation)
     assert json.loads((tmp_path / "eval.json").read_text())["records"] == "records.npz"
+
+
+def test_the_keys_others_name_are_keys_of_the_records():
+    """Where a cost key is named outside the record (a sweep's cost objectives, the leaderboard's columns), it is
+    one of the record's: a renamed key fails here, not as a silently empty column."""
+    from pipeline.engine.runfiles import Cost
+    from pipeline.reports.records import COST_COLUMNS
+    from pipeline.specs.sweep import COST_KEYS
+    assert {*COST_KEYS.values(), *COST_COLUMNS.values()} <= Cost.model_fields.keys()
+
+
+def test_numbers_keep_their_type_through_a_record(tmp_path):
+    """cost.json writes whole FLOP counts as ints and rounded figures as floats: the record changes neither."""
+    from pipeline.engine.runfiles import Cost
+    content = {key: None for key in Cost.model_fields if Cost.model_fields[key].is_required()}
+    content.update(device="cpu", train_samples_per_s=18000, peak_flops=96040000000.0, mfu=math.nan,
+                   peak_memory_mb_per_rank=[329.6, 330])
+    write_run_file(tmp_path, Cost.model_validate(content))
+    assert (tmp_path / "cost.json").read_text() == json.dumps(content, indent=2) + "\n"
