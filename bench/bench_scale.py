@@ -41,7 +41,8 @@ def run_sweep_variant(root: Path, path: Path, workers: int, url: str) -> dict:
     from optuna.trial import TrialState
 
     from pipeline.specs.sweep import load_sweep
-    from pipeline.sweeps.study import open_storage, run_sweep, trials_used
+    from pipeline.sweeps.storage import open_storage, trials_used
+    from pipeline.sweeps.study import run_sweep
     cwd = os.getcwd()
     os.chdir(root)
     try:

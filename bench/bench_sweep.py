@@ -68,8 +68,9 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.sweeps.study import default_storage_url, open_storage, run_sweep
     from pipeline.specs.sweep import load_sweep
+    from pipeline.sweeps.storage import default_storage_url, open_storage
+    from pipeline.sweeps.study import run_sweep
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -102,7 +103,7 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
 def _hammer(url: str, study_name: str, trials: int, steps: int, out) -> None:
     import optuna
 
-    from pipeline.sweeps.study import open_storage
+    from pipeline.sweeps.storage import open_storage
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     errors, done, first_error = 0, 0, ""
     study = optuna.load_study(study_name=study_name, storage=open_storage(url),
@@ -133,7 +134,7 @@ def stress_url(url: str, procs: int, trials: int, steps: int) -> dict:
     """`procs` processes each run `trials` empty trials on one new study in `url`."""
     import optuna
 
-    from pipeline.sweeps.study import open_storage
+    from pipeline.sweeps.storage import open_storage
     optuna.create_study(study_name="stress", storage=open_storage(url), direction="maximize")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

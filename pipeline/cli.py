@@ -215,9 +215,10 @@ def cmd_schema(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline.specs.config import tracking_uri
-    from pipeline.sweeps.report import REPORT_KIND
-    from pipeline.sweeps.study import default_storage_url, run_sweep
     from pipeline.specs.sweep import load_sweep
+    from pipeline.sweeps.report import REPORT_KIND
+    from pipeline.sweeps.storage import default_storage_url
+    from pipeline.sweeps.study import run_sweep
     config = _config(args)
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     if args.workers < 1:

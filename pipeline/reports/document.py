@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,18 @@ class Link:
 
 
 Cell = str | Link | list[str | Link]
+
+
+@dataclass(frozen=True)
+class Code:
+    """A command, path or name shown as code: in backticks in markdown, <code> in HTML."""
+
+    text: str
+
+
+# A summary line or a note. A plain str is the report's own wording, written as it is; a list's str parts are
+# user text (a description, a path), escaped in each format, and its Code parts are shown as code.
+Text = str | list[str | Code]
 
 
 @dataclass
@@ -51,13 +64,13 @@ class Section:
     anchor: str
     tables: list[tuple[str, Table]]  # (heading, table)
     items: list[FigureRef | TextBlock]
-    notes: list[str] = field(default_factory=list)
+    notes: list[Text] = field(default_factory=list)
 
 
 @dataclass
 class Report:
     title: str
-    summary: list[str]
+    summary: list[Text]
     sections: list[Section]
     legend: list[tuple[str, str]]  # (term, meaning) shown once at the end
 
@@ -69,6 +82,16 @@ def md_escape(text: str) -> str:
     inert = html.escape(str(text).replace("\n", " "), quote=False)  # & < >
     return re.sub(r"([\\`*\[\]|])", r"\\\1", inert)
 
+
+def _md_code(text: str) -> str:
+    text = str(text).replace("\n", " ")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"  # a backtick inside needs a longer fence
+
+
+def _md_text(line: Text) -> str:
+    if isinstance(line, str):
+        return line
+    return "".join(_md_code(part.text) if isinstance(part, Code) else md_escape(part) for part in line)
 
 
 def _md_cell(cell: Cell) -> str:
@@ -90,13 +113,25 @@ def markdown_table(table: Table) -> str:
     return "\n".join([header, rule, *rows])
 
 
+def frame_table(frame, number_format: str = ".4g") -> Table:
+    """A pandas DataFrame as a Table: floats in `number_format`, missing values empty, numeric columns right."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return format(value, number_format) if isinstance(value, float) else str(value)
+    numeric = {i for i, kind in enumerate(frame.dtypes) if kind.kind in "iuf"}
+    return Table([str(c) for c in frame.columns], [[cell(v) for v in row] for row in frame.itertuples(index=False)],
+                 numeric=numeric)
+
+
 def render_markdown(report: Report) -> str:
-    summary = report.summary[:1] + [""] + [f"- {line}" for line in report.summary[1:]]
+    summary = [_md_text(line) for line in report.summary]
+    summary = summary[:1] + [""] + [f"- {line}" for line in summary[1:]]
     lines = [f"# {report.title}", "", *summary, "", "**Contents:** "
              + " · ".join(f"[{s.title}](#{s.anchor})" for s in report.sections), ""]
     for section in report.sections:
         lines += [f'<a id="{section.anchor}"></a>', "", f"## {section.title}", ""]
-        lines += [*section.notes, ""] if section.notes else []
+        lines += [*map(_md_text, section.notes), ""] if section.notes else []
         for heading, table in section.tables:
             if table.folded:  # GitHub renders <details> in markdown too
                 lines += [f"<details><summary>{heading}</summary>", "", markdown_table(table), "", "</details>", ""]
@@ -140,6 +175,12 @@ def _h(text) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _html_text(line: Text) -> str:
+    if isinstance(line, str):
+        return _h(line)
+    return "".join(f"<code>{_h(part.text)}</code>" if isinstance(part, Code) else _h(part) for part in line)
+
+
 def _html_part(part: str | Link, flag: bool) -> str:
     if isinstance(part, Link):
         cls = ' class="flag"' if flag else ""
@@ -176,13 +217,14 @@ def render_html(report: Report, reports_dir: Path) -> str:
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{_h(report.title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{_h(report.title)}</h1>"]
-    parts.append(f'<p class="summary">{_h(report.summary[0])}</p>' if report.summary else "")
-    parts.append('<ul class="summary">' + "".join(f"<li>{_h(line)}</li>" for line in report.summary[1:]) + "</ul>")
+    parts.append(f'<p class="summary">{_html_text(report.summary[0])}</p>' if report.summary else "")
+    parts.append('<ul class="summary">' + "".join(f"<li>{_html_text(line)}</li>" for line in report.summary[1:])
+                 + "</ul>")
     parts.append("<nav>" + "".join(f'<a href="#{_h(s.anchor)}">{_h(s.title)}</a>' for s in report.sections)
                  + "</nav>")
     for section in report.sections:
         parts.append(f'<section id="{_h(section.anchor)}"><h2>{_h(section.title)}</h2>')
-        parts += [f"<p>{_h(note)}</p>" for note in section.notes]
+        parts += [f"<p>{_html_text(note)}</p>" for note in section.notes]
         for heading, table in section.tables:
             if table.folded:
                 parts.append(f"<details><summary>{_h(heading)}</summary>{html_table(table)}</details>")

@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline.io import atomic_write_json, atomic_write_text, replace_dir
-from pipeline.reports.document import md_escape
+from pipeline.reports.document import Code, Report, Section, frame_table, markdown_table, render_html, render_markdown
+from pipeline.reports.figures import FigureRef, slug
 from pipeline.specs.errors import refuse_unless_ours
 from pipeline.specs.metrics import is_better, mode_of_direction
 from pipeline.specs.sweep import COST_KEYS, CategoricalDim, Sweep
@@ -135,18 +137,6 @@ def terminal_table(study, sweep: Sweep) -> str:
     columns = [c for c in ("candidate", "kind", "best_trial", sweep.spec.objective.metric, *COST_KEYS.values(),
                            "complete", "pruned", "failed") if c in best and best[c].notna().any()]
     return best[columns].to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    def cell(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return md_escape(v)
-    lines = ["| " + " | ".join(md_escape(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 # ── figures ──────────────────────────────────────────────────────────────────
@@ -343,6 +333,70 @@ def export_best_specs(study, sweep: Sweep, folder: Path, final_folder: Path, spe
 
 # ── the report ───────────────────────────────────────────────────────────────
 REPORT_KIND = "sweep report"  # the kind of folder replace_dir marks (pipeline/io.py)
+REPORT_MD = "README.md"  # shown by a code host when the folder is opened
+REPORT_HTML = "README.html"  # the same report, one self-contained file (figures inlined)
+
+
+@dataclass(frozen=True)
+class SweepFigure:
+    """A figure the sweep report may hold: its file, title and caption ({metric}: the objective's metric)."""
+
+    file: str
+    title: str
+    caption: str
+
+
+HISTORY = SweepFigure("optimization_history.png", "Optimisation history",
+                      "{metric} of every finished trial by trial number, per candidate (x: pruned, at its last "
+                      "epoch), with the best so far.")
+IMPORTANCES = SweepFigure("param_importances.png", "Parameter importances",
+                          "fANOVA importance of each candidate's parameters for {metric}, over that candidate's "
+                          "complete trials.")
+PARALLEL = SweepFigure("parallel_coordinates.png", "Parallel coordinates",
+                       "Per candidate, one line per complete trial across its parameters and {metric}, coloured "
+                       "by {metric}.")
+PARETO = SweepFigure("pareto_front.png", "Pareto front",
+                     "{metric} against each cost (log scale), per candidate; Pareto-optimal trials ringed.")
+TRADEOFF = SweepFigure("metric_vs_cost.png", "Metric against cost",
+                       "{metric} against each cost (log scale), per candidate.")
+
+
+def draw_figures(study, sweep: Sweep, table: pd.DataFrame, importances: pd.DataFrame, pareto: set[int],
+                 folder: Path) -> dict[SweepFigure, bool]:
+    """Each figure drawn into folder → whether it was (a figure with nothing to show is left out)."""
+    tradeoff = PARETO if pareto else TRADEOFF
+    return {
+        HISTORY: plot_history(table, sweep, folder / HISTORY.file),
+        IMPORTANCES: plot_importances(importances, sweep, folder / IMPORTANCES.file),
+        PARALLEL: plot_parallel(study, sweep, folder / PARALLEL.file),
+        tradeoff: plot_tradeoff(table, sweep, pareto, folder / tradeoff.file),
+    }
+
+
+def build_report(sweep: Sweep, study, storage_url: str, best: pd.DataFrame, figures: list[SweepFigure],
+                 out_dir: Path) -> Report:
+    """The sweep report as the compare report's document model: one source for its markdown and its HTML."""
+    objective = sweep.spec.objective
+    costs = [f", minimise {', '.join(objective.costs)} (Pareto front)"] if objective.costs else []
+    about = sweep.spec.description or f"Candidates: {', '.join(sweep.spec.candidates)}."
+    summary = [[about],
+               ["Study ", Code(study.study_name), " in ", Code(storage_url), f"; objective: {objective.direction} ",
+                Code(objective.metric), *costs, "."],
+               ["Open it in the dashboard: ", Code(dashboard_command(storage_url))],
+               ["All trials: ", Code("trials.csv"), "; parameter importances: ", Code("param_importances.csv"), "."]]
+    shown = best.drop(columns=[c for c in ("sampled",) if c in best])  # the parameters get their own table
+    tables = [(f"Best {objective.metric} first; each candidate's trial counts", frame_table(shown))]
+    if "sampled" in best:
+        sampled = best[best["sampled"].map(lambda v: isinstance(v, str))][["candidate", "sampled"]]
+        tables.append(("Parameters of each best trial", frame_table(sampled.rename(columns={"sampled": "parameters"}))))
+    notes = [["Each ", Code("spec"), " file is that trial as a ready-to-run experiment: ",
+              Code(f"archlab train {out_dir}/SPEC.yaml"), "."]]
+    sections = [Section("Best trial per architecture", "best", tables, [], notes)]
+    if figures:
+        refs = [FigureRef(f"fig-{slug(Path(f.file).stem)}", f.file, f.title, f.caption.format(metric=objective.metric))
+                for f in figures]
+        sections.append(Section("Figures", "figures", [], refs))
+    return Report(f"Sweep {sweep.name}", summary, sections, legend=[])
 
 
 def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir: Path = Path("specs")) -> None:
@@ -355,15 +409,9 @@ def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir
     def fill(folder: Path) -> None:
         atomic_write_text(folder / "trials.csv", table.to_csv(index=False))
         atomic_write_text(folder / "best_per_architecture.csv", best.to_csv(index=False))
-        atomic_write_text(folder / "best_per_architecture.md", markdown_table(best))
+        atomic_write_text(folder / "best_per_architecture.md", markdown_table(frame_table(best)) + "\n")
         atomic_write_text(folder / "param_importances.csv", importances.to_csv(index=False))
-        figures = {
-            "optimization_history.png": plot_history(table, sweep, folder / "optimization_history.png"),
-            "param_importances.png": plot_importances(importances, sweep, folder / "param_importances.png"),
-            "parallel_coordinates.png": plot_parallel(study, sweep, folder / "parallel_coordinates.png"),
-        }
-        tradeoff = "pareto_front.png" if pareto else "metric_vs_cost.png"
-        figures[tradeoff] = plot_tradeoff(table, sweep, pareto, folder / tradeoff)
+        figures = draw_figures(study, sweep, table, importances, pareto, folder)
         if pareto:
             front = table[table["trial"].isin(pareto)]
             atomic_write_text(folder / "pareto_front.csv", front.to_csv(index=False))
@@ -372,32 +420,10 @@ def write_report(study, sweep: Sweep, out_dir: Path, storage_url: str, specs_dir
                    "objectives": [sweep.spec.objective.metric, *sweep.spec.objective.costs],
                    "directions": sweep.directions, "best": best_summary(study, sweep),
                    "pareto_front": sorted(pareto), "exported_specs": exported,
-                   "figures": [name for name, made in figures.items() if made]}
+                   "figures": [figure.file for figure, made in figures.items() if made]}
         atomic_write_json(folder / "summary.json", summary)
-        atomic_write_text(folder / "README.md", _readme(sweep, study, storage_url, best, figures, out_dir))
+        report = build_report(sweep, study, storage_url, best, [f for f, made in figures.items() if made], out_dir)
+        atomic_write_text(folder / REPORT_MD, render_markdown(report))
+        atomic_write_text(folder / REPORT_HTML, render_html(report, folder))
 
     replace_dir(out_dir, fill, kind=REPORT_KIND)
-
-
-def _readme(sweep: Sweep, study, storage_url: str, best: pd.DataFrame, figures: dict[str, bool],
-            out_dir: Path) -> str:
-    shown = best.drop(columns=[c for c in ("sampled",) if c in best])
-    objective = sweep.spec.objective
-    costs = f", minimise {', '.join(objective.costs)} (Pareto front)" if objective.costs else ""
-    lines = [f"# Sweep {sweep.name}", "", md_escape(sweep.spec.description), "",
-             f"Study `{study.study_name}` in `{storage_url}`; objective: {objective.direction} "
-             f"`{objective.metric}`{costs}.", "",
-             f"Open it in the dashboard: `{dashboard_command(storage_url)}`", "",
-             "## Best trial per architecture", "", markdown_table(shown),
-             (f"Each `spec` file is that trial as a ready-to-run experiment: `archlab train {out_dir}/SPEC.yaml`."),
-             ""]
-    if "sampled" in best:
-        lines += ["Parameters of each best trial:", ""]
-        lines += [f"- {md_escape(row.candidate)}: {md_escape(row.sampled)}" for row in best.itertuples()
-                  if isinstance(row.sampled, str)]
-        lines.append("")
-    made = [name for name, ok in figures.items() if ok]
-    if made:
-        lines += ["## Figures", ""] + [f"![{name}]({name})" for name in made] + [""]
-    lines += ["All trials: `trials.csv`; parameter importances: `param_importances.csv`.", ""]
-    return "\n".join(lines)

@@ -2,7 +2,9 @@
 killed workers, parallel workers, Pareto fronts, exported specs, MLflow nesting and bad sweep specs."""
 from __future__ import annotations
 
+import base64
 import contextlib
+import html
 import json
 import os
 import re
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import optuna
@@ -20,10 +23,11 @@ import yaml
 from optuna.trial import TrialState
 
 from pipeline.cli import main
-from pipeline.specs.experiment import load_spec
-from pipeline.sweeps.study import default_storage_url, open_storage, open_study, run_sweep, trials_used
-from pipeline.specs.sweep import Sweep, load_sweep, parse_path
 from pipeline.engine.train import train_experiment
+from pipeline.specs.experiment import load_spec
+from pipeline.specs.sweep import Sweep, load_sweep, parse_path
+from pipeline.sweeps.storage import default_storage_url, open_storage, trials_used
+from pipeline.sweeps.study import open_study, run_sweep
 from tests.conftest import REPO, free_port, serving, tiny_project
 
 MLP = {"name": "tiny_mlp", "data": {"dataset": "tiny"}, "task": "classify",
@@ -298,6 +302,68 @@ def test_the_exported_best_spec_validates_and_reproduces_its_trial(lab, capsys):
     assert again["best"]["val/accuracy"] == study.trials[int(row["best_trial"])].value == row["val/accuracy"]
 
 
+class _Tables(HTMLParser):
+    """The text of every <table> of a page, as rows of cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("th", "td"):
+            self.cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self.tables[-1][-1].append("".join(self.cell).strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """The text of every pipe table of a markdown page (escapes undone), as rows of cells."""
+    tables, previous = [], ""
+    for line in text.splitlines():
+        if line.startswith("|") and not re.fullmatch(r"\|(-+:?\|)+", line):
+            if not previous.startswith("|"):
+                tables.append([])
+            cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])
+            tables[-1].append([html.unescape(re.sub(r"\\(.)", r"\1", c.strip())) for c in cells])
+        previous = line
+    return tables
+
+
+def test_the_sweep_report_html_is_self_contained_and_holds_the_markdowns_tables(lab):
+    run(lab, sweep_dict(budget={"trials": 3, "epochs": 1}))
+    report = lab / "reports/sweeps/tiny_sweep"
+    md, page = (report / "README.md").read_text(), (report / "README.html").read_text()
+    assert not re.search(r"https?://", page)  # no stylesheet, script, font or image from elsewhere
+    assert not re.search(r'(?:src|href)="(?!data:|#)', page)  # every reference inline or within the page
+    figures = json.loads((report / "summary.json").read_text())["figures"]
+    images = re.findall(r'<img[^>]* src="data:image/png;base64,([^"]+)"', page)
+    assert len(figures) >= 3 and len(images) == len(figures) == md.count("![")
+    assert sorted(base64.b64decode(i) for i in images) == sorted((report / f).read_bytes() for f in figures)
+    parser = _Tables()
+    parser.feed(page)
+    tables = _markdown_tables(md)
+    assert [t[0] for t in tables] == [["candidate", "kind", "best_trial", "val/accuracy", "flops_forward_per_sample",
+                                       "params_total", "train_time_s", "complete", "pruned", "failed", "spec"],
+                                      ["candidate", "parameters"]]
+    assert parser.tables == tables
+    best = pd.read_csv(report / "best_per_architecture.csv")
+    assert [row[3] for row in tables[0][1:]] == [f"{v:.4g}" for v in best["val/accuracy"]]  # numbers as in the csv
+    (whole,) = _markdown_tables((report / "best_per_architecture.md").read_text())  # every column, the same renderer
+    assert whole[0] == list(best.columns) and [row[0] for row in whole[1:]] == list(best["candidate"])
+
+
 def test_rerunning_continues_the_study_and_a_bigger_budget_tops_it_up(lab, capsys):
     path = write_sweep(lab, sweep_dict(budget={"trials": 2, "epochs": 1}))
     assert main(["sweep", str(path), "--no-track"]) == 0
@@ -414,7 +480,7 @@ def test_the_metric_against_time_plot_labels_a_narrow_log_axis_without_overlap(l
 def test_a_journal_lock_left_by_a_killed_process_points_at_the_journal(lab):
     """Optuna breaks a stale journal lock only if its symlink resolves (it stats the target); with the
     relative path Optuna was once given, it dangled and a survivor spun on it forever."""
-    code = ("import os; from pipeline.sweeps.study import open_storage; "
+    code = ("import os; from pipeline.sweeps.storage import open_storage; "
             "s = open_storage('sweeps/x.journal'); s._backend._lock.acquire(); os.kill(os.getpid(), 9)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=lab, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -9

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.cli import main
-from pipeline.sweeps.study import open_storage, trials_used
+from pipeline.sweeps.storage import open_storage, trials_used
 from tests.conftest import REPO, tiny_project
 from tests.pipeline.sweeps.test_sweep import MLP, sweep_dict
 

@@ -1,0 +1,95 @@
+"""The cost around training: what one `archlab train SPEC --evaluate` pays outside its training loop.
+
+One temporary project (digits prepared there), a one-epoch digits MLP, one seed. Each round runs, side by
+side in fresh processes, one thread each:
+
+  torch       python -c "import torch": the baseline
+  floor       torch, torch._dynamo and mlflow imported: the least a tracked training process can cost (the first
+              torch optimizer imports torch._dynamo, about a second, whatever the model)
+  untracked   archlab train SPEC --seed 0 --evaluate --no-track
+  tracked     the same, logging to MLflow on SQLite (the store made by an earlier run, as in a pipeline)
+
+Fixed cost = wall time − the training loop (metrics.json's train_time_s). Prints the median over the rounds
+and each against `import torch`. Profile one run for the breakdown:
+
+    python bench/bench_fixed_cost.py --rounds 5
+    pyinstrument -m pipeline.cli train SPEC --data DATA --out OUT --seed 0 --evaluate
+
+The machine is shared: compare within one invocation only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = "digits_mlp"
+
+
+def make_project(root: Path) -> Path:
+    raw = yaml.safe_load((REPO / "specs" / f"{SPEC}.yaml").read_text())
+    raw["train"]["epochs"] = 1
+    raw["train"].pop("early_stopping", None)
+    (root / "specs").mkdir()
+    spec = root / "specs" / f"{SPEC}.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    run([sys.executable, "-m", "pipeline.cli", "prepare", raw["data"]["dataset"]], root)
+    return spec
+
+
+def run(cmd: list[str], cwd: Path) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def train(root: Path, spec: Path, out: str, tracked: bool) -> tuple[float, float]:
+    """(wall, training loop) of one train-and-evaluate of one seed into a fresh folder."""
+    shutil.rmtree(root / out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(spec), "--out", out, "--seed", "0", "--evaluate"]
+    wall = run(cmd + ([] if tracked else ["--no-track"]), root)
+    loop = json.loads((root / out / "seed-0" / "metrics.json").read_text())["train_time_s"]
+    return wall, loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        spec = make_project(root)
+        train(root, spec, "runs/warm", tracked=True)  # makes the MLflow store, as the first stage of a pipeline does
+        rows: dict[str, list[float]] = {"torch": [], "floor": [], "untracked": [], "tracked": []}
+        loops: list[float] = []
+        for _ in range(args.rounds):
+            rows["torch"].append(run([sys.executable, "-c", "import torch"], root))
+            rows["floor"].append(run([sys.executable, "-c", "import torch, torch._dynamo, mlflow"], root))
+            for name in ("untracked", "tracked"):
+                wall, loop = train(root, spec, f"runs/{name}", tracked=name == "tracked")
+                rows[name].append(wall - loop)
+                loops.append(loop)
+    baseline = statistics.median(rows["torch"])
+    print(f"{SPEC}, 1 epoch, 1 seed, train + evaluate; median of {args.rounds} rounds; training loop "
+          f"{statistics.median(loops):.2f} s")
+    print(f"{'':12s}{'fixed s':>9s}{'× torch':>9s}")
+    for name, values in rows.items():
+        fixed = statistics.median(values)
+        print(f"{name:12s}{fixed:9.2f}{fixed / baseline:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
