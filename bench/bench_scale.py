@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_sweep import make_project, show, stress_url, sweep_variant  # noqa: E402
+from pipeline.engine.runfiles import RunMetrics, read_run_file
 
 
 def run_sweep_variant(root: Path, path: Path, workers: int, url: str) -> dict:
@@ -79,10 +80,10 @@ def ddp_step_time(root: Path, spec: str, epochs: int, nproc: int, threads: int) 
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"spec": spec, "processes": nproc, "threads_each": threads, "error": done.stderr[-300:]}
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {"spec": spec, "processes": nproc, "threads_each": threads, "steps": metrics["steps"],
-            "ms_per_step": round(1000 * metrics["train_time_s"] / metrics["steps"], 2),
-            "val_metric": round(metrics["final"][f"val/{metrics['main_metric']}"], 4)}
+    metrics = read_run_file(out, RunMetrics)
+    return {"spec": spec, "processes": nproc, "threads_each": threads, "steps": metrics.steps,
+            "ms_per_step": round(1000 * metrics.train_time_s / metrics.steps, 2),
+            "val_metric": round(metrics.final[f"val/{metrics.main_metric}"], 4)}
 
 
 def bench_sweeps(root: Path, args, urls: dict[str, str]) -> list[dict]:

@@ -146,14 +146,15 @@ def cmd_train(args) -> int:
 
 def _seed_line(name: str, seed: int, run_dir: Path) -> str:
     from pipeline.engine.repeats import seed_dir
+    from pipeline.engine.runfiles import Evaluation, RunMetrics, path_of, read_run_file
     folder = seed_dir(run_dir, seed)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    metric = metrics["main_metric"]
-    final = metrics["final"].get(f"val/{metric}")
-    test = json.loads((folder / "eval.json").read_text()).get("test", {}) if (folder / "eval.json").is_file() else {}
+    metrics = read_run_file(folder, RunMetrics)
+    metric = metrics.main_metric
+    final = metrics.final.get(f"val/{metric}")
+    test = read_run_file(folder, Evaluation).test if path_of(folder, Evaluation).is_file() else {}
     shown = f", test/{metric}={round(test[metric], 4)}" if isinstance(test.get(metric), float) else ""
-    return (f"{name} seed {seed}: {metrics['status']} after {metrics['epochs']} epochs, val/{metric}="
-            f"{final if final is None else round(final, 4)}{shown}, {metrics['train_time_s']:.1f}s → {folder}")
+    return (f"{name} seed {seed}: {metrics.status} after {metrics.epochs} epochs, val/{metric}="
+            f"{final if final is None else round(final, 4)}{shown}, {metrics.train_time_s:.1f}s → {folder}")
 
 
 def cmd_evaluate(args) -> int:
@@ -203,9 +204,11 @@ def _base_seed(config, name: str) -> int:
 
 
 def cmd_schema(args) -> int:
+    from pipeline.engine.runfiles import run_file_schemas
     from pipeline.specs.schema import write_schemas
     config = _config(args)
-    for path in write_schemas(Path(args.out) if args.out else config.paths.specs):
+    # The run files' schemas come from the engine (specs/ may not import it): written beside the specs' ones.
+    for path in write_schemas(Path(args.out) if args.out else config.paths.specs, run_file_schemas()):
         print(f"wrote {path}")
     return 0
 
@@ -304,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not log the report to MLflow")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("schema", help="write the JSON schemas of specs for editors")
+    p = sub.add_parser("schema", help="write the JSON schemas of specs (for editors) and of the run files")
     p.add_argument("--out", help="folder (default: specs/)")
     p.set_defaults(func=cmd_schema)
 

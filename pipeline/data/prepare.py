@@ -12,16 +12,17 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.base import StrictModel
 from models.registry import DataShape
 from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, Mnist1dSource, NpzSource,
                                      NormaliseName, SequenceSource, SplitSpec, TableSource)
-from pipeline.specs.errors import UserError, refuse_unless_ours
+from pipeline.specs.errors import UserError, from_validation_error, refuse_unless_ours
 from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
 
 PREPARED_KIND = "prepared dataset"  # the kind of folder replace_dir marks (pipeline/io.py)
@@ -327,6 +328,53 @@ def split_and_normalise(raw: RawData, split: SplitSpec) -> tuple[dict[str, np.nd
 
 
 # ── the prepared dataset ─────────────────────────────────────────────────────
+META_FILE = "meta.json"
+
+
+class DataMeta(BaseModel):
+    """meta.json of a prepared dataset: the one place its keys are named, written and read through it.
+
+    Facts a source adds of its own (a corpus's size, a sequence task's name) ride along as extra keys. Keys come
+    out in this order (the file's order), each only where it was set: a folder prepared before a key existed
+    still reads, and a file is written with the content it always had.
+    """
+
+    model_config = ConfigDict(extra="allow", title="meta.json")
+    name: str = Field(description="The dataset's name.")
+    source: str | None = Field(default=None, description="The source it was prepared from (digits, npz, ...).")
+    spec: dict[str, Any] | None = Field(default=None, description="The dataset spec it was prepared from.")
+    target: TargetKind | None = Field(default=None, description="What the targets are.")
+    input_shape: list[int] = Field(description="One example's shape.")
+    target_shape: list[int] | None = Field(default=None, description="One target's shape.")
+    output_size: int = Field(description="Classes, values or vocabulary size a model outputs.")
+    num_classes: int | None = Field(default=None, description="Number of classes (class targets).")
+    classes: list[str] | None = Field(default=None, description="Class names, for reports.")
+    sizes: dict[str, int] | None = Field(default=None, description="Examples per split (train, val, test).")
+    normalisation: dict[str, Any] | None = Field(default=None, description="Train-split statistics applied.")
+    content_hash: str | None = Field(default=None, description="Hash of the arrays.")
+    value_range: list[float] | None = Field(default=None, description="Smallest and largest training input.")
+    vocab_size: int | None = Field(default=None, description="Token vocabulary size (token data).")
+    max_len: int | None = Field(default=None, description="Input sequence length (token data).")
+    target_len: int | None = Field(default=None, description="Target sequence length (token pairs).")
+    itos: list[str] | None = Field(default=None, description="Token index → text (token data).")
+
+    def as_dict(self) -> dict:
+        """The content of meta.json, as the tasks and checks read it."""
+        return self.model_dump(exclude_unset=True)
+
+
+def data_meta(content: dict, source: str | Path) -> DataMeta:
+    """meta.json's content as its record; content that does not fit is a UserError naming `source` and the key."""
+    try:
+        return DataMeta.model_validate(content)
+    except ValidationError as err:
+        raise from_validation_error(source, err) from None
+
+
+def write_meta(folder: Path, meta: DataMeta) -> None:
+    atomic_write_json(folder / META_FILE, meta.as_dict())
+
+
 @dataclass
 class Prepared:
     """A prepared dataset in memory: meta plus the six split arrays as tensors."""
@@ -376,7 +424,7 @@ def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], d
         meta["output_size"] = meta["vocab_size"]
     else:  # what a generator's bounded output layer spans (models/gan.py)
         meta["value_range"] = [float(arrays["train_x"].min()), float(arrays["train_x"].max())]
-    return arrays, meta
+    return arrays, data_meta(meta, where).as_dict()  # checked here: a builder's slip never reaches meta.json
 
 
 def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
@@ -387,14 +435,15 @@ def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
     return meta
 
 
-def write_prepared(arrays: dict[str, np.ndarray], meta: dict, out_dir: str | Path) -> None:
+def write_prepared(arrays: dict[str, np.ndarray], meta: dict | DataMeta, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     refuse_unless_ours(out_dir, PREPARED_KIND)
+    meta = meta if isinstance(meta, DataMeta) else data_meta(meta, out_dir / META_FILE)
 
     def fill(tmp: Path) -> None:
         buffer = _npz_bytes(arrays)
         atomic_write_bytes(tmp / "arrays.npz", buffer)
-        atomic_write_json(tmp / "meta.json", meta)
+        write_meta(tmp, meta)
 
     replace_dir(out_dir, fill, kind=PREPARED_KIND)
 
@@ -418,9 +467,9 @@ def redraw_split(data: Prepared, seed: int) -> Prepared:
     return Prepared(meta={**data.meta, "split_seed": seed}, tensors=tensors)
 
 
-def read_meta(folder: str | Path) -> dict | None:
+def read_meta(folder: str | Path) -> DataMeta | None:
     """A prepared folder's meta.json, or None where there is none; one that cannot be read is the user's to fix."""
-    path = Path(folder) / "meta.json"
+    path = Path(folder) / META_FILE
     if not path.is_file():
         return None
     try:
@@ -429,25 +478,26 @@ def read_meta(folder: str | Path) -> dict | None:
         raise UserError(path, f"not a prepared dataset's meta.json: {exc}") from None
     if not isinstance(meta, dict) or not {"name", "input_shape", "output_size"} <= meta.keys():
         raise UserError(path, "not a prepared dataset's meta.json (no name, input_shape, output_size)")
-    return meta
+    return data_meta(meta, path)
 
 
-def spec_changes(meta: dict, spec: StrictModel) -> list[str]:
+def spec_changes(meta: DataMeta, spec: StrictModel) -> list[str]:
     """How the dataset spec a folder was prepared from differs from `spec`: ['split.seed: 0 → 1', ...]."""
     def flat(obj, prefix=""):
         if isinstance(obj, dict):
             return {k: v for key, sub in obj.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
         return {prefix[:-1]: obj}
-    was, now = flat(meta.get("spec") or {}), flat(spec.model_dump(mode="json"))
+    was, now = flat(meta.spec or {}), flat(spec.model_dump(mode="json"))
     return [f"{key}: {was.get(key, '(unset)')} → {now.get(key, '(unset)')}"
             for key in sorted({*was, *now}) if was.get(key) != now.get(key)]
 
 
 def load_prepared(folder: str | Path) -> Prepared:
     folder = Path(folder)
-    meta = read_meta(folder)
-    if meta is None:
+    record = read_meta(folder)
+    if record is None:
         raise UserError(folder, "not a prepared dataset (no meta.json); run `archlab prepare` first")
+    meta = record.as_dict()
     # Where the data came from (in memory only, never written to meta.json): tasks that keep artifacts
     # beside the prepared folder find it here (the feature classifier of pipeline/quality.py).
     meta["prepared_dir"] = str(folder)

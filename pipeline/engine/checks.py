@@ -39,12 +39,12 @@ def _current_meta(config, folder: Path, dataset: str, spec_path: str) -> dict | 
     if meta is None:
         refuse_unless_ours(folder, PREPARED_KIND)
         return None
-    if meta["name"] != dataset:
-        raise UserError(folder, f"holds dataset {meta['name']!r} but the spec asks for {dataset!r}",
+    if meta.name != dataset:
+        raise UserError(folder, f"holds dataset {meta.name!r} but the spec asks for {dataset!r}",
                         field="data.dataset")
     changes = spec_changes(meta, dataset_spec(config, dataset, spec_path)) if knows_dataset(config, dataset) else []
     if not changes:
-        return meta
+        return meta.as_dict()
     reason = why_not_replaceable(folder, PREPARED_KIND)
     if reason is not None:
         raise UserError(folder, f"was prepared from another spec of {dataset!r} ({'; '.join(changes)}), and "
@@ -60,9 +60,9 @@ def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
     from pipeline.data.prepare import build_arrays, read_meta, spec_changes
     from pipeline.specs.config import dataset_spec, knows_dataset
     meta = read_meta(folder)
-    if meta is not None and meta["name"] == dataset and (
+    if meta is not None and meta.name == dataset and (
             not knows_dataset(config, dataset) or not spec_changes(meta, dataset_spec(config, dataset, spec_path))):
-        return meta
+        return meta.as_dict()
     _, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
     return meta
 

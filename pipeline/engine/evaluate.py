@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 from pipeline.data.prepare import Prepared
-from pipeline.io import atomic_write_json
 from pipeline.specs.experiment import ExperimentSpec
+from pipeline.engine.runfiles import Evaluation, path_of, write_run_file
 from pipeline.engine.examples import RECORDS, example_records, write_records
 from pipeline.engine.tasks import make_task
 from pipeline.engine.train import load_checkpoint_model
@@ -19,13 +19,14 @@ def evaluate_run(spec: ExperimentSpec, data: Prepared, run_dir: str | Path, trac
     task = make_task(spec.task, data.meta)
     device = next(model.parameters()).device
     x, y = data.tensors["test_x"].to(device), data.tensors["test_y"].to(device)
-    result = {"name": spec.name, "status": state["status"], "main_metric": task.metric, "seed": spec.train.seed,
-              "spec_hash": spec.spec_hash(), "test": task.test_metrics(model, x, y, data.meta)}
+    evaluation = Evaluation(name=spec.name, status=state["status"], main_metric=task.metric, seed=spec.train.seed,
+                            spec_hash=spec.spec_hash(), test=task.test_metrics(model, x, y, data.meta))
     records = example_records(spec.task, model, x, y, data.meta)
     if records:  # records first: an eval.json never points at a missing or older records file
         write_records(run_dir / RECORDS, records)
-        result["records"] = RECORDS
-    atomic_write_json(run_dir / "eval.json", result)
+        evaluation.records = RECORDS
+    write_run_file(run_dir, evaluation)
+    result = evaluation.model_dump(exclude_unset=True)
     run_id = state.get("run_id")
     if tracking_uri and run_id:
         log_evaluation(tracking_uri, run_id, run_dir, result, state["epoch"], data)
@@ -40,7 +41,7 @@ def log_evaluation(tracking_uri: str, run_id: str, run_dir: Path, result: dict, 
     tracker.log_metrics({f"test/{k}": v for k, v in result["test"].items()
                          if isinstance(v, (int, float)) and math.isfinite(v)}, step=epoch)
     tracker.flush()
-    tracker.log_artifact(run_dir / "eval.json")
+    tracker.log_artifact(path_of(run_dir, Evaluation))
     if "fid" in result["test"] and data.meta.get("prepared_dir"):
         from pipeline.engine.quality import cache_paths
         for path in cache_paths(data.meta["prepared_dir"]):  # the yardstick the FID was measured with

@@ -7,7 +7,6 @@ so adding a seed trains only the new one; a killed seed resumes from its checkpo
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +27,13 @@ def seed_spec(spec: ExperimentSpec, seed: int, vary_split: bool) -> ExperimentSp
     return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed}), "data": data})
 
 
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def is_done(spec: ExperimentSpec, run_dir: Path, evaluate: bool) -> bool:
     """Trained to the end for exactly this spec (and evaluated for it, when asked)."""
-    metrics = _json(run_dir / "metrics.json")
+    from pipeline.engine.runfiles import Evaluation, RunMetrics, read_run_fields
+    metrics = read_run_fields(run_dir, RunMetrics)  # a missing or broken file: not done, trained again
     if metrics.get("spec_hash") != spec.spec_hash() or metrics.get("status") not in FINISHED:
         return False
-    return not evaluate or _json(run_dir / "eval.json").get("spec_hash") == spec.spec_hash()
+    return not evaluate or read_run_fields(run_dir, Evaluation).get("spec_hash") == spec.spec_hash()
 
 
 @dataclass(frozen=True)

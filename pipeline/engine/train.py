@@ -30,10 +30,11 @@ from models.layers.init import connection_weights
 from pipeline.data.prepare import Prepared, redraw_split
 from pipeline.engine import distributed, interrupts
 from pipeline.engine.diagnostics import make_monitor
+from pipeline.engine.runfiles import FILES, Cost, Diagnostics, RunMetrics, write_run_file
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tracking import Tracker
-from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_torch_save, atomic_write_text
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
 from pipeline.specs.metrics import Mode, is_better
@@ -424,37 +425,31 @@ class Trainer:
         return self.model
 
     # outputs -------------------------------------------------------------------
-    def metrics(self) -> dict:
+    def metrics(self) -> RunMetrics:
         history = self.state.history
         last = history[-1] if history else {}
         best = history[self.state.best_epoch - 1] if self.state.best_epoch else last
         n_train = len(self.train_x)
-        return {
-            "name": self.spec.name,
-            "status": self.state.status,
-            "task": self.spec.task,
-            "kind": self.spec.model.kind,
-            "dataset": self.spec.data.dataset,
-            "main_metric": self.task.metric,
-            "epochs": self.state.epoch,
-            "steps": self.state.step,
-            "best_epoch": self.state.best_epoch,
-            "final": {k: v for k, v in last.items() if k.startswith(("train/", "val/"))},
-            "best": {k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
-            "train_time_s": round(self.state.train_time_s, 3),
-            "train_samples_per_s": round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
-            "spec_hash": self.spec.spec_hash(),
-            "mlflow_run_id": self.state.run_id,
-        }
+        return RunMetrics(
+            name=self.spec.name, status=self.state.status, task=self.spec.task, kind=self.spec.model.kind,
+            dataset=self.spec.data.dataset, main_metric=self.task.metric, epochs=self.state.epoch,
+            steps=self.state.step, best_epoch=self.state.best_epoch,
+            final={k: v for k, v in last.items() if k.startswith(("train/", "val/"))},
+            best={k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
+            train_time_s=round(self.state.train_time_s, 3),
+            train_samples_per_s=round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
+            spec_hash=self.spec.spec_hash(), mlflow_run_id=self.state.run_id)
 
     def write_outputs(self) -> dict:
-        metrics = self.metrics()
+        """history.csv, metrics.json and diagnostics.json (rank 0) → metrics.json's content, on every rank."""
+        record = self.metrics()
+        metrics = record.model_dump(exclude_unset=True)
         if not self.ranks.is_main:
             return metrics
         atomic_write_text(self.run_dir / "history.csv", history_csv(self.state.history))
-        atomic_write_json(self.run_dir / "metrics.json", metrics)
+        write_run_file(self.run_dir, record)
         diagnostics = self.monitor.summary(self.state.history, self.spec.diagnostics, metrics)  # reads status, metric
-        atomic_write_json(self.run_dir / "diagnostics.json", diagnostics)
+        write_run_file(self.run_dir, Diagnostics.model_validate(diagnostics))
         return metrics
 
 
@@ -571,14 +566,15 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     cost = measure_cost(trainer, metrics)
     if trainer.ranks.active:
         cost = distributed.add_rank_figures(cost, trainer.ranks, *zip(*per_rank))
-    atomic_write_json(run_dir / "cost.json", cost)
+    write_run_file(run_dir, Cost.model_validate(cost))
     if trainer.tracker is not None:
         tracker = trainer.tracker
         tracker.set_tags({"status": metrics["status"], **trainer.monitor.tags()})
         # Cost numbers are params: one value each, a column of the runs table, not a lone dot in the charts.
         tracker.log_params({f"cost.{k}": number_text(v) for k, v in cost.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for name in ("history.csv", "metrics.json", "diagnostics.json", "cost.json", CHECKPOINT):
+        trained = [name for name in FILES if name != "eval.json"]  # eval.json comes later, from `archlab evaluate`
+        for name in ("history.csv", *trained, CHECKPOINT):
             if (run_dir / name).is_file():
                 tracker.log_artifact(run_dir / name)
         tracker.log_artifact(spec_path)

@@ -6,25 +6,16 @@ missing reads as None and shows as "—" in the reports.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.engine.runfiles import Cost, Diagnostics, Evaluation, RunMetrics, path_of, read_run_fields
 from pipeline.engine.verdicts import FLAG_NAMES, HISTORY_FLAGS
 from pipeline.specs.metrics import Mode, metric_mode
 
 SAMPLE_EPOCH = re.compile(r"epoch_(\d+)$")
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file, or {} when the file is missing or unreadable (a half-finished run)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -224,9 +215,9 @@ def find_seed_dirs(run_dir: Path, seeds: list[int] | None = None) -> dict[int, P
         found = {int(p.name[5:]): p for p in run_dir.glob("seed-*") if p.name[5:].isdigit()}
     else:
         found = {s: run_dir / f"seed-{s}" for s in seeds}
-    found = {s: p for s, p in sorted(found.items()) if (p / "metrics.json").is_file()}
-    if not found and (run_dir / "metrics.json").is_file():
-        found = {int(read_json(run_dir / "metrics.json").get("seed") or 0): run_dir}
+    found = {s: p for s, p in sorted(found.items()) if path_of(p, RunMetrics).is_file()}
+    if not found and path_of(run_dir, RunMetrics).is_file():
+        found = {0: run_dir}  # metrics.json holds no seed (it never did): such a folder counts as seed 0
     return found
 
 
@@ -235,17 +226,17 @@ def load_run(name: str, runs_dir: Path, seeds: list[int] | None = None) -> RunRe
     run_dir = next(iter(seed_dirs.values()), Path(runs_dir) / name)
     values = {}
     for seed, folder in seed_dirs.items():
-        evaluation = read_json(folder / "eval.json")
+        evaluation = read_run_fields(folder, Evaluation)
         value = finite((evaluation.get("test") or {}).get(evaluation.get("main_metric")))
         if value is not None:
             values[seed] = value
     return RunRecord(
         name=name, run_dir=run_dir, seed_dirs=seed_dirs, seed_values=values,
         seed_histories={seed: read_history(folder / "history.csv") for seed, folder in seed_dirs.items()},
-        metrics=read_json(run_dir / "metrics.json"),
-        evaluation=read_json(run_dir / "eval.json"),
-        diagnostics=read_json(run_dir / "diagnostics.json"),
-        cost=read_json(run_dir / "cost.json"),
+        metrics=read_run_fields(run_dir, RunMetrics),
+        evaluation=read_run_fields(run_dir, Evaluation),
+        diagnostics=read_run_fields(run_dir, Diagnostics),
+        cost=read_run_fields(run_dir, Cost),
         history=read_history(run_dir / "history.csv"),
         sample_images=sample_images(run_dir),
         sample_text=last_sample_text(run_dir),

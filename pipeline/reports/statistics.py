@@ -26,7 +26,8 @@ from pipeline.engine.examples import (
     metric_from_records,
     read_records,
 )
-from pipeline.reports.records import finite, read_json, task_mode
+from pipeline.engine.runfiles import Evaluation, read_run_fields
+from pipeline.reports.records import finite, task_mode
 
 CONFIDENCE = 0.95
 ALPHA = 0.05  # family-wise error rate of one group's comparisons, after Holm's correction
@@ -63,7 +64,7 @@ def load_evidence(name: str, task: str, seed_dirs: dict[int, Path]) -> Evidence 
     """The seeds with a finite test metric in their eval.json (and their records.npz); None without any."""
     values, records, metric = {}, {}, None
     for seed, folder in seed_dirs.items():
-        evaluation = read_json(folder / "eval.json")
+        evaluation = read_run_fields(folder, Evaluation)
         metric = evaluation.get("main_metric") or metric
         value = finite((evaluation.get("test") or {}).get(metric)) if metric else None
         if value is None:

@@ -1,4 +1,7 @@
-"""JSON schemas for editors (yaml-language-server): specs/schema.json, written from the Pydantic models."""
+"""JSON schemas for editors (yaml-language-server): specs/schema.json, written from the Pydantic models.
+
+`archlab schema` also writes the run files' schemas (specs/runs/, from pipeline/engine/runfiles.py), handed in by
+the CLI: the engine sits above specs/ and is not imported here."""
 from __future__ import annotations
 
 import json
@@ -43,9 +46,10 @@ def render(schema: dict) -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
-def write_schemas(folder: Path) -> list[Path]:
+def write_schemas(folder: Path, more: dict[str, dict] | None = None) -> list[Path]:
+    """The specs' schemas, and `more` (file name relative to `folder` → schema), into `folder`."""
     written = []
-    for name, schema in schema_files().items():
+    for name, schema in {**schema_files(), **(more or {})}.items():
         path = folder / name
         atomic_write_text(path, render(schema))
         written.append(path)

@@ -5,7 +5,6 @@ a crash, a divergence) fails that trial only, with its reason.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.engine.runfiles import Cost, read_run_fields
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec
 from pipeline.specs.sweep import COST_KEYS, Sweep
@@ -256,8 +256,8 @@ def _train_and_tell(study, trial, sweep: Sweep, data, job: SweepJob, spec: Exper
 
 
 def _cost_values(run_dir: Path) -> dict:
-    path = run_dir / "cost.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The trial run's cost.json; {} without one (an objective that needs it then fails the trial, naming it)."""
+    return read_run_fields(run_dir, Cost)
 
 
 def finish_trial(study, trial, sweep: Sweep, metrics: dict, run_dir: Path, child: ChildRun) -> None:

@@ -162,6 +162,8 @@ def test_schema_verb_writes_the_schema(project, capsys):
     assert main(["schema", "--out", str(project / "out")]) == 0
     schema = json.loads((project / "out" / "schema.json").read_text())
     assert schema["title"] == "archlab experiment spec"
+    # and the run files' schemas, from the engine's records, beside them
+    assert json.loads((project / "out" / "runs" / "cost.schema.json").read_text())["title"] == "cost.json"
 
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
