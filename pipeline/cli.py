@@ -46,7 +46,7 @@ def cmd_prepare(args) -> int:
     for name in names:
         out = Path(args.out) if args.out else config.paths.data / name
         meta = prepare(name, dataset_spec(config, name, args.params), out)
-        print(f"{name}: {meta['sizes']} input {tuple(meta['input_shape'])} → {out}")
+        print(f"{name}: {meta.sizes} input {tuple(meta.input_shape)} → {out}")
     return 0
 
 

@@ -21,11 +21,16 @@ import torch
 import yaml
 
 from models.tokens import EOS, FIRST_SYMBOL, PAD
-from pipeline.data.prepare import Prepared
+from pipeline.data.prepare import DataMeta, Prepared
 
 REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
+
+
+def data_meta(**facts) -> DataMeta:
+    """A prepared dataset's meta with just the facts a test needs (name and shapes filled in when not given)."""
+    return DataMeta.model_validate({"name": "t", "input_shape": [1], "output_size": 1, **facts})
 
 
 def tiny_classification(n: int = 96, features: int = 8, classes: int = 3, seed: int = 0,

@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.base import StrictModel
 from models.registry import DataShape
+from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
 from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, Mnist1dSource, NpzSource,
                                      NormaliseName, SequenceSource, SplitSpec, TableSource)
 from pipeline.specs.errors import UserError, from_validation_error, refuse_unless_ours
-from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
 
 PREPARED_KIND = "prepared dataset"  # the kind of folder replace_dir marks (pipeline/io.py)
 
@@ -334,9 +334,9 @@ META_FILE = "meta.json"
 class DataMeta(BaseModel):
     """meta.json of a prepared dataset: the one place its keys are named, written and read through it.
 
-    Facts a source adds of its own (a corpus's size, a sequence task's name) ride along as extra keys. Keys come
-    out in this order (the file's order), each only where it was set: a folder prepared before a key existed
-    still reads, and a file is written with the content it always had.
+    Keys come out in this order (the file's order), each only where it was set: a folder prepared before a key
+    existed still reads, and a file is written with the content it always had. A source's own facts come last;
+    `prepared_dir` and `split_seed` live in memory only and are never written.
     """
 
     model_config = ConfigDict(extra="allow", title="meta.json")
@@ -357,9 +357,18 @@ class DataMeta(BaseModel):
     max_len: int | None = Field(default=None, description="Input sequence length (token data).")
     target_len: int | None = Field(default=None, description="Target sequence length (token pairs).")
     itos: list[str] | None = Field(default=None, description="Token index → text (token data).")
+    sequence_task: str | None = Field(default=None, description="The synthetic sequence task (sequence data).")
+    characters: int | None = Field(default=None, description="Characters in the text (corpus data).")
+    corpus: str | None = Field(default=None, description="The text file, or 'grammar' (corpus data).")
+    entropy: dict[str, Any] | None = Field(default=None, description="The generating grammar's entropy: the "
+                                                                      "floor of any model's bits per character.")
+    prepared_dir: str | None = Field(default=None, exclude=True, description="In memory only: the folder it was "
+                                     "loaded from, beside which tasks keep artifacts (the feature classifier).")
+    split_seed: int | None = Field(default=None, exclude=True, description="In memory only: the seed that "
+                                   "re-drew the train/validation split (vary: split).")
 
     def as_dict(self) -> dict:
-        """The content of meta.json, as the tasks and checks read it."""
+        """The content of meta.json."""
         return self.model_dump(exclude_unset=True)
 
 
@@ -379,22 +388,25 @@ def write_meta(folder: Path, meta: DataMeta) -> None:
 class Prepared:
     """A prepared dataset in memory: meta plus the six split arrays as tensors."""
 
-    meta: dict
+    meta: DataMeta
     tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.meta, dict):  # built in memory (tests, benches): checked into the record here
+            self.meta = DataMeta.model_validate(self.meta)
 
     @property
     def shape(self) -> DataShape:
         return shape_from_meta(self.meta)
 
 
-def shape_from_meta(meta: dict) -> DataShape:
-    return DataShape(input_shape=tuple(meta["input_shape"]), output_size=meta["output_size"],
-                     vocab_size=meta.get("vocab_size"), max_len=meta.get("max_len"),
-                     target_len=meta.get("target_len"),
-                     value_range=tuple(meta["value_range"]) if meta.get("value_range") else None)
+def shape_from_meta(meta: DataMeta) -> DataShape:
+    return DataShape(input_shape=tuple(meta.input_shape), output_size=meta.output_size, vocab_size=meta.vocab_size,
+                     max_len=meta.max_len, target_len=meta.target_len,
+                     value_range=tuple(meta.value_range) if meta.value_range else None)
 
 
-def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], dict]:
+def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], DataMeta]:
     """Load a source, check it, split and normalise it: everything but writing."""
     raw = LOADERS[spec.source](spec)
     where = str(getattr(spec, "path", None) or name)
@@ -424,10 +436,10 @@ def build_arrays(name: str, spec: StrictModel) -> tuple[dict[str, np.ndarray], d
         meta["output_size"] = meta["vocab_size"]
     else:  # what a generator's bounded output layer spans (models/gan.py)
         meta["value_range"] = [float(arrays["train_x"].min()), float(arrays["train_x"].max())]
-    return arrays, data_meta(meta, where).as_dict()  # checked here: a builder's slip never reaches meta.json
+    return arrays, data_meta(meta, where)  # checked here: a builder's slip never reaches meta.json
 
 
-def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> dict:
+def prepare(name: str, spec: StrictModel, out_dir: str | Path) -> DataMeta:
     """Write a prepared dataset folder atomically: a failure leaves no half-written folder behind."""
     refuse_unless_ours(out_dir, PREPARED_KIND)  # before the work of building: a refusal costs nothing
     arrays, meta = build_arrays(name, spec)
@@ -460,11 +472,11 @@ def redraw_split(data: Prepared, seed: int) -> Prepared:
     the prepared split was); the test split is left alone. Normalisation keeps the prepared split's statistics."""
     t = data.tensors
     x, y = torch.cat([t["train_x"], t["val_x"]]), torch.cat([t["train_y"], t["val_y"]])
-    labels = y.numpy() if data.meta.get("target") == "class" else np.zeros(len(y), dtype=np.int64)
-    train, val = _split(len(x), labels, len(t["val_x"]), seed, data.meta.get("target") == "class")
+    labels = y.numpy() if data.meta.target == "class" else np.zeros(len(y), dtype=np.int64)
+    train, val = _split(len(x), labels, len(t["val_x"]), seed, data.meta.target == "class")
     train, val = torch.from_numpy(train), torch.from_numpy(val)
     tensors = {**t, "train_x": x[train], "train_y": y[train], "val_x": x[val], "val_y": y[val]}
-    return Prepared(meta={**data.meta, "split_seed": seed}, tensors=tensors)
+    return Prepared(meta=data.meta.model_copy(update={"split_seed": seed}), tensors=tensors)
 
 
 def read_meta(folder: str | Path) -> DataMeta | None:
@@ -497,16 +509,16 @@ def load_prepared(folder: str | Path) -> Prepared:
     record = read_meta(folder)
     if record is None:
         raise UserError(folder, "not a prepared dataset (no meta.json); run `archlab prepare` first")
-    meta = record.as_dict()
     # Where the data came from (in memory only, never written to meta.json): tasks that keep artifacts
     # beside the prepared folder find it here (the feature classifier of pipeline/quality.py).
-    meta["prepared_dir"] = str(folder)
+    meta = record.model_copy(update={"prepared_dir": str(folder)})
     try:
         with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
             tensors = {key: torch.from_numpy(arrays[key]) for key in arrays.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(folder / "arrays.npz", f"cannot read the prepared arrays ({type(exc).__name__}: {exc}); "
                         "prepare the dataset again") from None
-    if meta.get("target") != "tokens" and "value_range" not in meta:  # a folder prepared before it was recorded
-        meta["value_range"] = [float(tensors["train_x"].min()), float(tensors["train_x"].max())]
+    if meta.target != "tokens" and meta.value_range is None:  # a folder prepared before it was recorded
+        meta = meta.model_copy(update={"value_range": [float(tensors["train_x"].min()),
+                                                       float(tensors["train_x"].max())]})
     return Prepared(meta=meta, tensors=tensors)

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.io import why_not_replaceable
 from pipeline.specs.errors import UserError, refuse_unless_ours
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 def ensure_prepared(config, spec, folder: Path, spec_path: str):
@@ -29,7 +33,7 @@ def ensure_prepared(config, spec, folder: Path, spec_path: str):
     return load_prepared(folder)
 
 
-def _current_meta(config, folder: Path, dataset: str, spec_path: str) -> dict | None:
+def _current_meta(config, folder: Path, dataset: str, spec_path: str) -> DataMeta | None:
     """The folder's meta if it holds `dataset` prepared from the spec params.yaml gives it (or from any, for
     a dataset params.yaml does not know); None if it must be prepared (nothing there, or archlab's own
     folder prepared from another spec). Anything else is refused."""
@@ -44,7 +48,7 @@ def _current_meta(config, folder: Path, dataset: str, spec_path: str) -> dict | 
                         field="data.dataset")
     changes = spec_changes(meta, dataset_spec(config, dataset, spec_path)) if knows_dataset(config, dataset) else []
     if not changes:
-        return meta.as_dict()
+        return meta
     reason = why_not_replaceable(folder, PREPARED_KIND)
     if reason is not None:
         raise UserError(folder, f"was prepared from another spec of {dataset!r} ({'; '.join(changes)}), and "
@@ -54,7 +58,7 @@ def _current_meta(config, folder: Path, dataset: str, spec_path: str) -> dict | 
     return None
 
 
-def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
+def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> DataMeta:
     """The data's meta.json, from a prepared folder of the same dataset spec or, failing that, built in
     memory (nothing written)."""
     from pipeline.data.prepare import build_arrays, read_meta, spec_changes
@@ -62,12 +66,12 @@ def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> dict:
     meta = read_meta(folder)
     if meta is not None and meta.name == dataset and (
             not knows_dataset(config, dataset) or not spec_changes(meta, dataset_spec(config, dataset, spec_path))):
-        return meta.as_dict()
+        return meta
     _, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
     return meta
 
 
-def check_buildable(spec, meta: dict, source):
+def check_buildable(spec, meta: DataMeta, source):
     """The spec fits the data that `meta` describes and this machine: its task can read the data (classify
     on text is a spec mistake), its device exists, its model fits in memory and builds and runs one tiny
     batch (an impossible architecture names its layer), and batch norm never meets a batch of one."""
@@ -100,12 +104,12 @@ def check_buildable(spec, meta: dict, source):
     return model, out
 
 
-def _check_batch_norm_batches(spec, meta: dict, model, source) -> None:
+def _check_batch_norm_batches(spec, meta: DataMeta, model, source) -> None:
     """Batch norm cannot train on a batch of one sample: refuse a batch size that leaves one at an epoch's end."""
     from torch.nn.modules.batchnorm import _BatchNorm
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         return
-    train = int(meta.get("sizes", {}).get("train", 0))
+    train = int((meta.sizes or {}).get("train", 0))
     if spec.data.train_subset:
         train = min(train, spec.data.train_subset)
     size = spec.train.batch_size
@@ -126,6 +130,7 @@ def memory_estimate(spec, shape) -> tuple[int, int]:
     nothing is allocated, so a model of a billion units is sized in a moment. Activations are the outputs of
     every leaf module on one sample; (params, 0) where the model cannot run on the meta device."""
     import torch
+
     from models import build_model
     with torch.device("meta"):
         model = build_model(spec.model, shape)

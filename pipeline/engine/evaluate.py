@@ -42,8 +42,8 @@ def log_evaluation(tracking_uri: str, run_id: str, run_dir: Path, result: dict, 
                          if isinstance(v, (int, float)) and math.isfinite(v)}, step=epoch)
     tracker.flush()
     tracker.log_artifact(path_of(run_dir, Evaluation))
-    if "fid" in result["test"] and data.meta.get("prepared_dir"):
+    if "fid" in result["test"] and data.meta.prepared_dir:
         from pipeline.engine.quality import cache_paths
-        for path in cache_paths(data.meta["prepared_dir"]):  # the yardstick the FID was measured with
+        for path in cache_paths(data.meta.prepared_dir):  # the yardstick the FID was measured with
             tracker.log_artifact(path, "feature_classifier")
 

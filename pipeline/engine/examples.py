@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,10 +18,13 @@ from torch import nn
 from pipeline.engine.tasks import TASKS
 from pipeline.io import atomic_write_bytes
 
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
+
 RECORDS = "records.npz"
 
 
-def example_records(task: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+def example_records(task: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
     """Each test example's scores, or {} for a task without per-example scores (generate). What each task
     records lives in its file (engine/tasks/), beside its metrics."""
     model.eval()

@@ -7,20 +7,24 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.io import atomic_write_bytes
 
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
+
 Panel = tuple[str, np.ndarray]  # (title, samples (N, ...) in original units)
 
 
-def original_units(x: torch.Tensor, meta: dict) -> np.ndarray:
+def original_units(x: torch.Tensor, meta: DataMeta) -> np.ndarray:
     """Undo prepare's normalisation: one statistic, one per input element, per feature of a table or (L,)
     signal, or per channel of (C, ...) inputs (see pipeline/data/prepare.py)."""
     x = x.detach().float().cpu().numpy()
-    norm = meta.get("normalisation") or {}
+    norm = meta.normalisation or {}
     if "x_mean" not in norm:
         return x
     mean, std = np.asarray(norm["x_mean"], np.float32), np.asarray(norm["x_std"], np.float32)

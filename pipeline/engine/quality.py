@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.io import atomic_torch_save, atomic_write_json
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 FEATURES = 64  # width of the feature layer: small, so covariances from a few hundred samples are sound
 SEED = 0
@@ -186,33 +190,33 @@ def cache_paths(prepared_dir: str | Path) -> tuple[Path, Path]:
             folder.with_name(folder.name + ".feature_classifier.json"))
 
 
-def load_reference(meta: dict) -> Reference | None:
+def load_reference(meta: DataMeta | None) -> Reference | None:
     """The feature classifier for a prepared class-labelled dataset: cached, or trained now and cached.
 
     None when the data have no classes or were not loaded from a prepared folder (meta has no prepared_dir).
     """
-    folder = meta.get("prepared_dir")
-    if meta.get("target") != "class" or not meta.get("num_classes") or not folder:
+    if meta is None or meta.target != "class" or not meta.num_classes or not meta.prepared_dir:
         return None
+    folder = meta.prepared_dir
     weights_path, report_path = cache_paths(folder)
     if weights_path.is_file() and report_path.is_file():
         report = json.loads(report_path.read_text())
-        if report.get("content_hash") == meta.get("content_hash"):
+        if report.get("content_hash") == meta.content_hash:
             # Its random initialisation, overwritten at once, must not move the caller's random stream either:
             # a run that loads the cached classifier mid-training draws what a run that trains it draws.
             with torch.random.fork_rng(devices=[]):
-                model = FeatureClassifier(tuple(meta["input_shape"]), meta["num_classes"])
+                model = FeatureClassifier(tuple(meta.input_shape), meta.num_classes)
             model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
             return Reference(model.eval(), report)
     return _train_and_cache(meta, Path(folder), weights_path, report_path)
 
 
-def _train_and_cache(meta: dict, folder: Path, weights_path: Path, report_path: Path) -> Reference:
+def _train_and_cache(meta: DataMeta, folder: Path, weights_path: Path, report_path: Path) -> Reference:
     with np.load(folder / "arrays.npz", allow_pickle=False) as arrays:
         t = {k: torch.from_numpy(arrays[k]) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
     start = time.perf_counter()
-    model = train_feature_classifier(t["train_x"], t["train_y"], meta["num_classes"])
-    report = {"dataset": meta.get("name"), "content_hash": meta.get("content_hash"), "features": FEATURES,
+    model = train_feature_classifier(t["train_x"], t["train_y"], meta.num_classes)
+    report = {"dataset": meta.name, "content_hash": meta.content_hash, "features": FEATURES,
               "train_seconds": round(time.perf_counter() - start, 2),
               "val_accuracy": round(_accuracy(model, t["val_x"], t["val_y"]), 4),
               "test_accuracy": round(_accuracy(model, t["test_x"], t["test_y"]), 4),
@@ -222,12 +226,11 @@ def _train_and_cache(meta: dict, folder: Path, weights_path: Path, report_path: 
     return Reference(model, report)
 
 
-def training_samples(meta: dict, limit: int) -> torch.Tensor | None:
+def training_samples(meta: DataMeta | None, limit: int) -> torch.Tensor | None:
     """Up to `limit` samples of the prepared training split (the real-data yardstick for a FID)."""
-    folder = meta.get("prepared_dir")
-    if not folder:
+    if meta is None or not meta.prepared_dir:
         return None
-    with np.load(Path(folder) / "arrays.npz", allow_pickle=False) as arrays:
+    with np.load(Path(meta.prepared_dir) / "arrays.npz", allow_pickle=False) as arrays:
         return torch.from_numpy(arrays["train_x"][:limit])
 
 

@@ -8,7 +8,10 @@ import contextlib
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -156,16 +159,16 @@ class Tracker:
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id
 
-    def log_dataset(self, meta: dict, context: str = "training") -> None:
+    def log_dataset(self, meta: DataMeta, context: str = "training") -> None:
         """The prepared dataset as the run's dataset input: name, content hash, split shapes."""
         import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-        profile = {"input_shape": meta.get("input_shape"), "sizes": meta.get("sizes"),
-                   "num_classes": meta.get("num_classes"), "target": meta.get("target")}
-        dataset = Dataset(name=str(meta.get("name", "dataset")), digest=str(meta.get("content_hash", ""))[:36],
-                          source_type="local", source=json.dumps({"uri": str(meta.get("prepared_dir", ""))}),
+        profile = {"input_shape": meta.input_shape, "sizes": meta.sizes, "num_classes": meta.num_classes,
+                   "target": meta.target}
+        dataset = Dataset(name=meta.name, digest=(meta.content_hash or "")[:36], source_type="local",
+                          source=json.dumps({"uri": meta.prepared_dir or ""}),
                           profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT,
                                                                                         context)])])

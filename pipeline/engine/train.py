@@ -529,7 +529,7 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
 
     def open_tracker(run_id: str | None) -> Tracker:
         tags = {"kind": spec.model.kind, "dataset": spec.data.dataset, "task": spec.task,
-                "spec_hash": spec.spec_hash(), "data_hash": data.meta.get("content_hash", ""),
+                "spec_hash": spec.spec_hash(), "data_hash": data.meta.content_hash or "",
                 **source_tags(spec_path, spec.description), **(extra_tags or {})}
         # Tagged as it is created: a run interrupted a moment later can still be found by its tags.
         tracker = Tracker(tracking_uri, experiment or mlflow_experiment_name(spec), run_id=run_id,

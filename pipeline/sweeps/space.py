@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -11,6 +11,9 @@ from pipeline.engine.checks import check_buildable
 from pipeline.specs.errors import UserError, from_validation_error
 from pipeline.specs.experiment import ExperimentSpec, union_tags
 from pipeline.specs.sweep import CategoricalDim, FloatDim, IntDim, Sweep, set_path
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 # ── trials: from sampled values to a complete, checked ExperimentSpec ────────
@@ -39,7 +42,7 @@ def build_trial_spec(sweep: Sweep, candidate: str, values: dict[str, Any], name:
         raise InvalidTrial(f"invalid spec: {bad.field}: {bad.message}") from None
 
 
-def check_trial_buildable(spec: ExperimentSpec, meta: dict) -> None:
+def check_trial_buildable(spec: ExperimentSpec, meta: DataMeta) -> None:
     """Build the model and run a zero batch; any failure makes the trial invalid, with the reason."""
     try:
         check_buildable(spec, meta, "trial")

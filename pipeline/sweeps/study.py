@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.engine import interrupts
 from pipeline.engine.repeats import available_cores
@@ -25,6 +25,9 @@ from pipeline.sweeps.storage import (budget_lock, make_pruner, make_sampler, ope
                                      trials_used)
 from pipeline.sweeps.trials import SweepJob, end_orphan_runs, mlflow_experiment, mlflow_params
 from pipeline.sweeps.workers import budget_left, run_worker, spawn_workers, worker_death
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 # ── the whole sweep (what `archlab sweep` calls) ─────────────────────────────
@@ -92,13 +95,13 @@ def _parent_run(sweep: Sweep, study, tracking_uri: str | None):
     return tracker
 
 
-def sweep_inputs(sweep: Sweep, data_meta: dict) -> dict:
+def sweep_inputs(sweep: Sweep, data_meta: DataMeta) -> dict:
     """What a sweep reads, as content hashes: its own spec, each candidate's spec, its dataset. The DVC sweep
     stage depends on this digest, so editing a spec the sweep does not use leaves the sweep up to date."""
     import hashlib
     own = hashlib.sha256(json.dumps(sweep.spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
     return {"sweep": own, "candidates": {key: base.spec_hash() for key, base in sorted(sweep.bases.items())},
-            "data": {sweep.dataset: data_meta.get("content_hash")}}
+            "data": {sweep.dataset: data_meta.content_hash}}
 
 
 

@@ -2,7 +2,7 @@
 one entry in TASKS; the engine calls them through the Task protocol in base.py."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tasks.classify import ClassifyTask
@@ -12,31 +12,35 @@ from pipeline.engine.tasks.reconstruct import ReconstructTask
 from pipeline.engine.tasks.regress import RegressTask
 from pipeline.engine.tasks.seq2seq import Seq2SeqTask
 
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
+
 # One entry per task name: adding a task is one new file here plus its line.
 TASKS: dict[str, Callable[[], Task]] = {"classify": ClassifyTask, "regress": RegressTask, "seq2seq": Seq2SeqTask,
                                         "lm": LMTask, "reconstruct": ReconstructTask, "generate": GenerateTask}
 
 
-def data_kind(meta: dict) -> str:
+def data_kind(meta: DataMeta) -> str:
     """class or value (inputs with labels or real targets), token pairs (seq2seq sources and targets) or text."""
-    if meta.get("target") == "tokens":
-        return "token pairs" if meta.get("target_len") else "text"
-    return meta["target"]
+    if meta.target == "tokens":
+        return "token pairs" if meta.target_len else "text"
+    return meta.target
 
 
-def task_data_mismatch(task: str, meta: dict) -> str | None:
+def task_data_mismatch(task: str, meta: DataMeta) -> str | None:
     """Why `task` cannot read the data that `meta` describes, or None when it can."""
     kind, wanted = data_kind(meta), TASKS[task]().reads
     if kind in wanted:
         return None
     readers = ", ".join(name for name, make in TASKS.items() if kind in make().reads)
-    return (f"{task} needs {' or '.join(sorted(wanted))} data, but dataset {meta.get('name')!r} holds "
+    return (f"{task} needs {' or '.join(sorted(wanted))} data, but dataset {meta.name!r} holds "
             f"{kind} data; tasks for {kind} data: {readers}")
 
 
-def make_task(name: str, meta: dict | None = None) -> Task:
+def make_task(name: str, meta: DataMeta | None = None) -> Task:
     """A task for data described by `meta` (a task that needs the data's facts, such as where its prepared
     folder is for a feature classifier, keeps them)."""
     task = TASKS[name]()
-    task.attach(meta or {})
+    if meta is not None:
+        task.attach(meta)
     return task

@@ -5,7 +5,7 @@ The engine knows nothing of accuracy or R²: a task turns a batch into a loss pl
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from torch import nn
 
 from models.contract import Model, Phase, Stats
 from pipeline.specs.metrics import Mode, metric_mode
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 class Task(Protocol):
@@ -23,7 +26,7 @@ class Task(Protocol):
     @property
     def mode(self) -> Mode: ...
 
-    def attach(self, meta: dict) -> None: ...
+    def attach(self, meta: DataMeta) -> None: ...
 
     def phases(self, model: Model) -> list[Phase]: ...
 
@@ -31,7 +34,7 @@ class Task(Protocol):
 
     def summarize(self, stats: dict[str, float]) -> dict[str, float]: ...
 
-    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict: ...
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict: ...
 
     def end_epoch(self, model: Model, epoch: int, run_dir, data) -> dict[str, float]: ...
 
@@ -46,7 +49,7 @@ class TaskDefaults:
         """Whether the main metric is better low or high: from the one vocabulary in specs/metrics.py."""
         return metric_mode(self.metric)
 
-    def attach(self, meta: dict) -> None:
+    def attach(self, meta: DataMeta) -> None:
         """Take the data's facts (a task that needs where its prepared folder is keeps them)."""
 
     def end_epoch(self, model: Model, epoch: int, run_dir, data) -> dict[str, float]:
@@ -62,7 +65,7 @@ class TaskDefaults:
     keeps_records = False
     records_ratio: tuple[str, str | None] | None = None
 
-    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
         """Each test example's scores (the model in eval mode, no grad); {} for a task that keeps none."""
         return {}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -9,6 +10,9 @@ import torch.nn.functional as F
 
 from models.contract import Model, Phase, Stats
 from pipeline.engine.tasks.base import TaskDefaults, predict
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 def _classify_loss(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
@@ -35,9 +39,9 @@ class ClassifyTask(TaskDefaults):
     def summarize(self, stats: dict[str, float]) -> dict[str, float]:
         return {"loss": stats["loss"] / stats["n"], "accuracy": stats["correct"] / stats["n"]}
 
-    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict:
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict:
         logits = predict(model, x)
-        k = meta["num_classes"]
+        k = meta.num_classes
         pred = logits.argmax(1)
         confusion = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)  # rows: true, cols: predicted
         tp = confusion.diag().float()
@@ -47,9 +51,9 @@ class ClassifyTask(TaskDefaults):
         present = confusion.sum(1) > 0  # macro-average over classes that occur in the test set
         return {"accuracy": (pred == y).float().mean().item(), "macro_f1": f1[present].mean().item(),
                 "cross_entropy": F.cross_entropy(logits, y).item(), "confusion_matrix": confusion.tolist(),
-                "classes": meta.get("classes")}
+                "classes": meta.classes}
 
-    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
         logits = predict(model, x)  # (N, K)
         return {"correct": (logits.argmax(1) == y).cpu().numpy(),
                 "loss": F.cross_entropy(logits, y, reduction="none").cpu().numpy().astype(np.float32)}

@@ -7,12 +7,16 @@ adversarial_stats.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from models.contract import Model, Phase, Stats
 from pipeline.engine.tasks.base import TaskDefaults, seeded
 from pipeline.engine.tasks.samples import FeatureReference, one_per_class, sample_quality, write_sample_grid
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 def _phases_required(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
@@ -30,7 +34,7 @@ class GenerateTask(TaskDefaults):
     grid_columns: int = 8
     reference: FeatureReference = field(default_factory=FeatureReference)
 
-    def attach(self, meta: dict) -> None:
+    def attach(self, meta: DataMeta) -> None:
         self.reference.attach(meta)
 
     def phases(self, model: Model) -> list[Phase]:
@@ -77,7 +81,7 @@ class GenerateTask(TaskDefaults):
         return {}
 
     @torch.no_grad()
-    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict:
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict:
         """FID against the test split with its real-data floor, class coverage, and the players' test losses."""
         model.eval()
         stats = model.adversarial_stats(x, model.sample(len(x), seeded(x.device, 1)))

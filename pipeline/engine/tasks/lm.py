@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from models.contract import Model, Phase, Stats
 from pipeline.engine.tasks.base import TaskDefaults, add_stats, batches
 from pipeline.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 def _lm_loss(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
@@ -70,7 +74,7 @@ class LMTask(TaskDefaults):
     def end_epoch(self, model: Model, epoch: int, run_dir, data) -> dict[str, float]:
         """Append this epoch's sampled text to runs/NAME/samples.txt (a resumed run replaces later epochs)."""
         prompt = data.tensors["val_x"][0, :self.prompt_len].to(next(model.parameters()).device)
-        text = sample_text(model, prompt, data.meta.get("itos"), self.sample_tokens, seed=epoch)
+        text = sample_text(model, prompt, data.meta.itos, self.sample_tokens, seed=epoch)
         path = Path(run_dir) / "samples.txt"
         sections = _epoch_sections(path.read_text() if path.is_file() else "")
         sections = [(e, body) for e, body in sections if e < epoch] + [(epoch, text)]
@@ -78,7 +82,7 @@ class LMTask(TaskDefaults):
         return {}
 
     @torch.no_grad()
-    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict,
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta,
                      batch_size: int = 256) -> dict:
         """Cross-entropy (nats), bits per character and perplexity on the test text, the grammar's entropy
         floor when known, and a sampled text."""
@@ -89,11 +93,11 @@ class LMTask(TaskDefaults):
         stats = self.summarize({k: v.item() for k, v in total.items()})
         out = {"cross_entropy": stats["loss"], "bits_per_char": stats["bits_per_char"],
                "perplexity": stats["perplexity"]}
-        entropy = (meta.get("entropy") or {}).get("bits_per_char")
+        entropy = (meta.entropy or {}).get("bits_per_char")
         if entropy is not None:
             out["entropy_bits_per_char"] = entropy  # the source's true entropy rate: no model can go below it
             out["excess_bits_per_char"] = stats["bits_per_char"] - entropy
-        out["sample"] = sample_text(model, x[0, :self.prompt_len], meta.get("itos"), 4 * self.sample_tokens, seed=0)
+        out["sample"] = sample_text(model, x[0, :self.prompt_len], meta.itos, 4 * self.sample_tokens, seed=0)
         return out
 
 
@@ -106,7 +110,7 @@ def _epoch_sections(text: str) -> list[tuple[int, str]]:
             sections.append((int(header), body[:-1] if body.endswith("\n") else body))
     return sections
 
-    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
         """Per test sequence: −Σ log2 P(x_t | x_<t) and the number of tokens."""
         losses = []
         for xb, yb in batches(x, y):

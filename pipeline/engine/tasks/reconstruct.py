@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ import torch
 from models.contract import Model, Phase, Stats
 from pipeline.engine.tasks.base import TaskDefaults, add_stats, batches, predict, seeded
 from pipeline.engine.tasks.samples import FeatureReference, one_per_class, sample_quality, write_sample_grid
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 def _reconstruct_loss(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
@@ -29,7 +33,7 @@ class ReconstructTask(TaskDefaults):
     grid_columns: int = 10
     reference: FeatureReference = field(default_factory=FeatureReference)  # scores a vae's samples
 
-    def attach(self, meta: dict) -> None:
+    def attach(self, meta: DataMeta) -> None:
         self.reference.attach(meta)
 
     def phases(self, model: Model) -> list[Phase]:
@@ -75,7 +79,7 @@ class ReconstructTask(TaskDefaults):
         return {}
 
     @torch.no_grad()
-    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict,
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta,
                      batch_size: int = 1024) -> dict:
         """Reconstruction error; dae: also from corrupted inputs, against the corruption's own error;
         vae: ELBO, KL, and the quality of its samples (FID and class coverage, see engine/quality.py)."""
@@ -96,7 +100,7 @@ class ReconstructTask(TaskDefaults):
             out.update(sample_quality(self.reference.load(x.device), model, x, self.reference.meta))
         return out
 
-    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
         """Squared error of each example's reconstruction (z = μ for a vae, clean inputs for a dae)."""
         sse = []
         for xb, _ in batches(x, y):

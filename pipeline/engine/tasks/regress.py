@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -9,6 +10,9 @@ import torch.nn.functional as F
 
 from models.contract import Model, Phase, Stats
 from pipeline.engine.tasks.base import TaskDefaults, predict
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 def _regress_loss(model: Model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
@@ -43,9 +47,9 @@ class RegressTask(TaskDefaults):
         sst = float(sum(s2 - s * s / n for s, s2 in zip(_as_list(stats["sum_y"]), _as_list(stats["sum_y2"]))))
         return {"loss": stats["loss"] / n, "mae": stats["abs_err"] / n, "r2": 1.0 - stats["sse"] / max(sst, 1e-12)}
 
-    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict:
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict:
         """MSE and MAE in the target's original units (prepare standardised it), R² (unit-free)."""
-        norm = meta["normalisation"]
+        norm = meta.normalisation
         mean, std = (torch.tensor(norm[k], dtype=y.dtype, device=y.device) for k in ("y_mean", "y_std"))
         pred, true = predict(model, x) * std + mean, y * std + mean
         sse = ((pred - true) ** 2).sum(0)
@@ -53,9 +57,9 @@ class RegressTask(TaskDefaults):
         return {"mse": ((pred - true) ** 2).mean().item(), "mae": (pred - true).abs().mean().item(),
                 "r2": (1 - sse / sst.clamp(min=1e-12)).mean().item()}
 
-    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
         """Squared errors and targets in the target's original units (R² needs the targets' spread)."""
-        norm = meta["normalisation"]
+        norm = meta.normalisation
         mean, std = (torch.tensor(norm[k], dtype=y.dtype, device=y.device) for k in ("y_mean", "y_std"))
         pred, true = predict(model, x) * std + mean, y * std + mean  # (N, D)
         return {"se": ((pred - true) ** 2).cpu().numpy().astype(np.float64),

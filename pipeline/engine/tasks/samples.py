@@ -3,21 +3,25 @@ sample quality, and the per-epoch grid of samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from models.contract import Sampler
 from pipeline.engine.tasks.base import seeded
 
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
+
 
 @dataclass
 class FeatureReference:
     """The data's feature classifier (engine/quality.py), loaded on first use; None where the data has none."""
 
-    meta: dict = field(default_factory=dict)
+    meta: DataMeta | None = None
     _loaded: object = field(default=None, repr=False)  # quality.Reference, False when there is none
 
-    def attach(self, meta: dict) -> None:
+    def attach(self, meta: DataMeta) -> None:
         self.meta = meta
 
     def load(self, device: torch.device):
@@ -36,7 +40,7 @@ def one_per_class(y: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor((firsts + rest)[:count])
 
 
-def sample_quality(reference, model: Sampler, real: torch.Tensor, meta: dict) -> dict:
+def sample_quality(reference, model: Sampler, real: torch.Tensor, meta: DataMeta) -> dict:
     """FID, its real-data floor and class coverage of as many samples as the training split holds (≤ 2000)."""
     from pipeline.engine.quality import sample_quality as quality
     from pipeline.engine.quality import training_samples

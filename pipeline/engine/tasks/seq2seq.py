@@ -8,6 +8,7 @@ greedy tokens, PAD after EOS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 from models.contract import Model, Phase, Stats
 from models.tokens import BOS, EOS, PAD
 from pipeline.engine.tasks.base import TaskDefaults, add_stats, batches
+
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
 
 
 def teacher_forcing_input(y: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,7 @@ class Seq2SeqTask(TaskDefaults):
         return model(x, teacher_forcing_input(y))
 
     @torch.no_grad()
-    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict,
+    def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta,
                      batch_size: int = 1024, examples: int = 8) -> dict:
         """Token and exact-sequence accuracy by greedy decoding, exact accuracy per source length, examples."""
         model.eval()
@@ -87,7 +91,7 @@ class Seq2SeqTask(TaskDefaults):
         exact = ((pred == y) | ~real).all(dim=1)
         lengths = (x != PAD).sum(dim=1)
         by_length = {int(n): round(exact[lengths == n].float().mean().item(), 4) for n in lengths.unique()}
-        itos = meta.get("itos")
+        itos = meta.itos
         shown = [{"source": decode_tokens(x[i], itos), "target": decode_tokens(y[i], itos),
                   "predicted": decode_tokens(pred[i], itos)} for i in range(min(examples, len(x)))]
         return {"token_accuracy": stats["token_accuracy"], "exact_accuracy": stats["exact_accuracy"],
@@ -105,7 +109,7 @@ def decode_tokens(ids: torch.Tensor, itos: list[str] | None) -> str:
         out.append(itos[i] if itos and i < len(itos) else f"[{i}]")
     return ("" if all(len(s) == 1 for s in out) else " ").join(out)
 
-    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: dict) -> dict[str, np.ndarray]:
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
         """Greedy decoding per sequence: whole sequence right, tokens right, tokens; teacher-forced loss."""
         parts: dict[str, list] = {"exact": [], "token_correct": [], "tokens": [], "loss": []}
         for xb, yb in batches(x, y):

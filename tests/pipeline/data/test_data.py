@@ -17,39 +17,39 @@ from pipeline.data.prepare import RawData, build_arrays, load_prepared, prepare,
 from pipeline.engine.grids import original_units
 from pipeline.specs.datasets import SplitSpec
 from pipeline.specs.errors import UserError
-from tests.conftest import files_under
+from tests.conftest import data_meta, files_under
 
 
 def test_digits_is_prepared_as_images_with_a_stratified_split(tmp_path):
     meta = prepare("digits", BUILTIN_DATASETS["digits"], tmp_path / "digits")
-    assert meta["input_shape"] == [1, 8, 8] and meta["num_classes"] == 10
-    assert sum(meta["sizes"].values()) == 1797
+    assert meta.input_shape == [1, 8, 8] and meta.num_classes == 10
+    assert sum(meta.sizes.values()) == 1797
     data = load_prepared(tmp_path / "digits")
     counts = np.bincount(data.tensors["val_y"].numpy(), minlength=10)
     assert counts.min() >= 0.8 * counts.max()  # stratified: every class about equally present
     train_x = data.tensors["train_x"].numpy()
     assert abs(train_x.mean()) < 1e-4 and abs(train_x.std() - 1) < 1e-3  # statistics from the training split only
-    assert len(meta["content_hash"]) == 16
+    assert len(meta.content_hash) == 16
 
 
 def test_mnist1d_keeps_its_own_test_split():
     arrays, meta = build_arrays("mnist1d", BUILTIN_DATASETS["mnist1d"])
-    assert meta["sizes"]["test"] == 1000 and meta["sizes"]["train"] + meta["sizes"]["val"] == 4000
-    assert meta["input_shape"] == [40]
+    assert meta.sizes["test"] == 1000 and meta.sizes["train"] + meta.sizes["val"] == 4000
+    assert meta.input_shape == [40]
 
 
 def test_the_split_is_seeded_and_repeatable():
     a, meta_a = build_arrays("digits", BUILTIN_DATASETS["digits"])
     b, meta_b = build_arrays("digits", BUILTIN_DATASETS["digits"])
-    assert meta_a["content_hash"] == meta_b["content_hash"]
+    assert meta_a.content_hash == meta_b.content_hash
     assert np.array_equal(a["val_y"], b["val_y"])
 
 
 def test_diabetes_standardises_targets_and_remembers_the_scale():
     arrays, meta = build_arrays("diabetes", BUILTIN_DATASETS["diabetes"])
-    assert meta["target"] == "value" and meta["output_size"] == 1
+    assert meta.target == "value" and meta.output_size == 1
     assert abs(arrays["train_y"].mean()) < 1e-4
-    assert 100 < meta["normalisation"]["y_mean"][0] < 200
+    assert 100 < meta.normalisation["y_mean"][0] < 200
 
 
 def raw_inputs(shape: tuple[int, ...]) -> RawData:
@@ -79,7 +79,7 @@ def test_each_normalisation_standardises_what_it_says(shape, how):
     if how != "feature":  # a coarser statistic leaves the elements' own means apart
         assert np.ptp(x.mean(axis=0)) > 0.1
     # original_units undoes it, whatever the shape of the statistics
-    restored = original_units(torch.from_numpy(arrays["test_x"]), {"normalisation": stats})
+    restored = original_units(torch.from_numpy(arrays["test_x"]), data_meta(normalisation=stats))
     np.testing.assert_allclose(restored, untouched["test_x"], rtol=1e-4, atol=1e-3)
 
 
@@ -196,7 +196,7 @@ def test_a_prepared_folder_from_another_split_is_prepared_again_when_archlab_mad
     data = ensure_prepared(load_config(), load_spec("specs/digits_mlp.yaml"), project / "data/prepared/digits",
                            "specs/digits_mlp.yaml")
     assert "split.seed: 0 → 7" in capsys.readouterr().err
-    assert data.meta["spec"]["split"]["seed"] == 7 and data.meta["content_hash"] != old["content_hash"]
+    assert data.meta.spec["split"]["seed"] == 7 and data.meta.content_hash != old["content_hash"]
 
 
 def test_meta_json_is_read_and_written_through_its_record_with_the_same_content(tmp_path):

@@ -21,7 +21,7 @@ from pipeline.engine.quality import COVERED_SHARE, cache_paths, class_coverage, 
 from pipeline.specs.experiment import load_spec
 from pipeline.engine.tasks import ReconstructTask
 from pipeline.engine.train import CHECKPOINT, Trainer, train_experiment
-from tests.conftest import tiny_classification
+from tests.conftest import data_meta, tiny_classification
 from tests.pipeline.engine.test_train import Interrupt, interrupt_after
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,17 +127,17 @@ def test_reconstruct_test_metrics_per_variant():
         return build_model(AutoencoderSpec(kind="autoencoder", latent=4, hidden=[16], **fields), shape)
 
     ae = model()
-    out = task.test_metrics(ae, x, y, {}, batch_size=128)  # several batches, summed
+    out = task.test_metrics(ae, x, y, data_meta(), batch_size=128)  # several batches, summed
     assert set(out) == {"mse", "rmse"}
     assert out["mse"] == pytest.approx((ae(x) - x).pow(2).mean().item(), rel=1e-5)
 
     dae = model(variant="dae", noise="gaussian", noise_level=0.5)
-    out = task.test_metrics(dae, x, y, {})
+    out = task.test_metrics(dae, x, y, data_meta())
     assert set(out) == {"mse", "rmse", "corrupted_mse", "denoised_mse"}
     assert out["corrupted_mse"] == pytest.approx(0.25, rel=0.05)  # the noise's own error: level²
 
     vae = model(variant="vae", likelihood_std=0.5)
-    out = task.test_metrics(vae, x, y, {})
+    out = task.test_metrics(vae, x, y, data_meta())
     assert set(out) == {"mse", "rmse", "elbo", "kl", "nll"}
     assert out["elbo"] == pytest.approx(-(out["nll"] + out["kl"])) and out["kl"] > 0
 
@@ -154,10 +154,10 @@ def test_mosaic_places_images_row_by_row():
 def test_original_units_undo_the_per_channel_normalisation():
     x = torch.zeros(2, 3, 4, 4)
     x[:, 1] = 1.0
-    meta = {"normalisation": {"x_mean": [10.0, 20.0, 30.0], "x_std": [1.0, 2.0, 3.0]}}
+    meta = data_meta(normalisation={"x_mean": [10.0, 20.0, 30.0], "x_std": [1.0, 2.0, 3.0]})
     out = original_units(x, meta)
     assert (out[:, 0] == 10).all() and (out[:, 1] == 22).all() and (out[:, 2] == 30).all()
-    assert np.array_equal(original_units(x, {}), x.numpy())
+    assert np.array_equal(original_units(x, data_meta()), x.numpy())
 
 
 def test_write_grid_writes_a_png_for_images_and_for_signals(tmp_path):
@@ -170,15 +170,15 @@ def test_write_grid_writes_a_png_for_images_and_for_signals(tmp_path):
 
 # ── the feature classifier and its cache ─────────────────────────────────────
 def test_no_feature_classifier_without_classes_or_a_prepared_folder(tmp_path):
-    assert load_reference({"target": "value", "prepared_dir": str(tmp_path)}) is None
-    assert load_reference({"target": "class", "num_classes": 3}) is None
+    assert load_reference(data_meta(target="value", prepared_dir=str(tmp_path))) is None
+    assert load_reference(data_meta(target="class", num_classes=3)) is None
 
 
 def test_the_feature_classifier_is_retrained_only_when_the_data_change(tmp_path):
     tiny = tiny_classification(n=120, features=8, classes=3)
     arrays = {k: v.numpy() for k, v in tiny.tensors.items()}
     folder = tmp_path / "data" / "prepared" / "tiny"
-    write_prepared(arrays, {**tiny.meta, "content_hash": "first"}, folder)
+    write_prepared(arrays, tiny.meta.model_copy(update={"content_hash": "first"}), folder)
     meta = load_prepared(folder).meta
     weights, report = cache_paths(folder)
     assert weights == folder.parent / "tiny.feature_classifier.pt" and not weights.exists()
@@ -198,7 +198,7 @@ def test_the_feature_classifier_is_retrained_only_when_the_data_change(tmp_path)
         assert torch.equal(again.classifier.state_dict()[key], value), key
     assert not any(folder.glob("*feature_classifier*")), "the cache must stay outside the prepared (DVC) folder"
 
-    changed = load_reference({**meta, "content_hash": "second"})  # re-prepared data: a new classifier
+    changed = load_reference(meta.model_copy(update={"content_hash": "second"}))  # re-prepared data: a new classifier
     assert changed.report["content_hash"] == "second"
     assert json.loads(report.read_text())["content_hash"] == "second"  # only a (re)training writes the report
 
@@ -227,9 +227,9 @@ def history_rows(run_dir) -> list[dict]:
 
 
 def test_the_digits_feature_classifier_is_cached_and_reused(digits):
-    weights, report = cache_paths(digits.meta["prepared_dir"])
+    weights, report = cache_paths(digits.meta.prepared_dir)
     first = load_reference(digits.meta)  # trained here, or by a run before (it is per prepared folder)
-    assert first.report["content_hash"] == digits.meta["content_hash"]
+    assert first.report["content_hash"] == digits.meta.content_hash
     assert first.report["val_accuracy"] > 0.8, first.report
     stamp = weights.stat().st_mtime_ns
     second = load_reference(digits.meta)
@@ -278,7 +278,7 @@ def test_a_vae_reconstructs_digits_end_to_end(digits, tmp_path):
     assert test["rmse"] == pytest.approx(math.sqrt(test["mse"]))
     assert test["kl"] > 0 and test["elbo"] == pytest.approx(-(test["nll"] + test["kl"]))
     assert test["fid"] >= 0 and 0 < test["coverage"] <= 1 and 0 <= test["class_entropy_bits"] <= math.log2(10)
-    assert sum(test["class_counts"]) == test["samples"] == digits.meta["sizes"]["train"]
+    assert sum(test["class_counts"]) == test["samples"] == digits.meta.sizes["train"]
 
 
 @pytest.mark.slow
@@ -300,9 +300,9 @@ def test_a_gan_generates_digits_end_to_end(digits, tmp_path):
     assert {"fid", "fid_real_floor", "coverage", "class_entropy_bits", "d_loss", "g_loss"} <= set(test), test.keys()
     # The classifier that scored the samples travels with the run in MLflow.
     logged = {a.path for a in MlflowClient(store).list_artifacts(metrics["mlflow_run_id"], "feature_classifier")}
-    assert logged == {f"feature_classifier/{p.name}" for p in cache_paths(digits.meta["prepared_dir"])}
+    assert logged == {f"feature_classifier/{p.name}" for p in cache_paths(digits.meta.prepared_dir)}
     assert test["fid"] >= 0 and test["fid_real_floor"] >= 0 and 0 < test["coverage"] <= 1
-    assert sum(test["class_counts"]) == test["samples"] == digits.meta["sizes"]["train"]
+    assert sum(test["class_counts"]) == test["samples"] == digits.meta.sizes["train"]
 
 
 @pytest.mark.slow

@@ -97,7 +97,8 @@ def test_worker_plan_never_oversubscribes(monkeypatch):
 def test_per_example_records_add_up_to_the_reported_metric(task, model, metric, tmp_path):
     data = tiny_classification()
     if task == "regress":
-        data.meta.update(target="value", output_size=1, normalisation={"y_mean": [0.0], "y_std": [2.0]})
+        data.meta = data.meta.model_copy(update={"target": "value", "output_size": 1,
+                                                 "normalisation": {"y_mean": [0.0], "y_std": [2.0]}})
         for part in ("train", "val", "test"):
             data.tensors[f"{part}_y"] = data.tensors[f"{part}_x"][:, :1].clone()
     spec = ExperimentSpec.model_validate({"name": "t", "data": {"dataset": "tiny"}, "task": task, "model": model,

@@ -26,6 +26,7 @@ from pipeline.data.synthetic import (
 from pipeline.engine.tasks import LMTask, Seq2SeqTask
 from pipeline.engine.tasks.seq2seq import decode_tokens, teacher_forcing_input
 from pipeline.specs.datasets import CorpusSource, SequenceSource
+from tests.conftest import data_meta
 
 
 def body(row: np.ndarray) -> list[int]:
@@ -91,10 +92,10 @@ def test_generators_are_seeded():
 def test_a_sequence_dataset_is_prepared_as_tokens_with_its_vocabulary():
     arrays, meta = build_arrays("rev", SequenceSource(source="sequence", task="reverse", symbols=5, max_len=6,
                                                       samples=200))
-    assert meta["target"] == "tokens" and meta["vocab_size"] == 8 and meta["output_size"] == 8
-    assert meta["max_len"] == 6 and meta["target_len"] == 7 and meta["itos"][:4] == ["<pad>", "<bos>", "<eos>", "a"]
+    assert meta.target == "tokens" and meta.vocab_size == 8 and meta.output_size == 8
+    assert meta.max_len == 6 and meta.target_len == 7 and meta.itos[:4] == ["<pad>", "<bos>", "<eos>", "a"]
     assert arrays["train_x"].dtype == np.int64 and arrays["train_y"].dtype == np.int64  # never normalised
-    assert sum(meta["sizes"].values()) == 200
+    assert sum(meta.sizes.values()) == 200
 
 
 def test_sequence_source_checks_its_lengths_and_base():
@@ -135,9 +136,9 @@ def test_corpus_chunks_predict_the_next_character_and_test_is_the_tail():
     spec = CorpusSource(source="corpus", characters=5000, context=16, seed=2)
     arrays, meta = build_arrays("text", spec)
     text = generate_corpus(5000, 2)
-    itos = meta["itos"]
-    assert meta["vocab_size"] == len(set(text)) and meta["max_len"] == 16 and "target_len" not in meta
-    assert meta["entropy"]["bits_per_char"] == pytest.approx(grammar_entropy()["bits_per_char"])
+    itos = meta.itos
+    assert meta.vocab_size == len(set(text)) and meta.max_len == 16 and meta.target_len is None
+    assert meta.entropy["bits_per_char"] == pytest.approx(grammar_entropy()["bits_per_char"])
     x, y = arrays["test_x"], arrays["test_y"]
     assert np.array_equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
     decoded = "".join(itos[i] for i in np.concatenate([x.reshape(-1), y[-1, -1:]]))
@@ -149,8 +150,8 @@ def test_a_user_text_file_becomes_a_corpus(project):
     path = project / "poem.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     arrays, meta = build_arrays("poem", CorpusSource(source="corpus", path=path, context=20))
-    assert "entropy" not in meta and meta["corpus"] == str(path)
-    assert "".join(meta["itos"][i] for i in arrays["train_x"][0]) in path.read_text()
+    assert meta.entropy is None and meta.corpus == str(path)
+    assert "".join(meta.itos[i] for i in arrays["train_x"][0]) in path.read_text()
 
 
 @pytest.mark.parametrize("content,words", [("too short", "too short for 20 chunks"),
@@ -199,11 +200,11 @@ def reverse_pairs():
 def test_seq2seq_metrics_of_a_perfect_and_a_nearly_perfect_model():
     x, y, itos = reverse_pairs()
     task = Seq2SeqTask()
-    perfect = task.test_metrics(ReverseOracle(9), x, y, {"itos": itos})
+    perfect = task.test_metrics(ReverseOracle(9), x, y, data_meta(itos=itos))
     assert perfect["exact_accuracy"] == 1.0 and perfect["token_accuracy"] == 1.0
     assert perfect["examples"][0]["predicted"] == perfect["examples"][0]["target"]
     assert perfect["examples"][0]["source"][::-1] == perfect["examples"][0]["target"]
-    flawed = task.test_metrics(ReverseOracle(9, mistake=True), x, y, {"itos": itos})
+    flawed = task.test_metrics(ReverseOracle(9, mistake=True), x, y, data_meta(itos=itos))
     tokens = (y != PAD).sum().item()  # symbols and EOS count, PAD does not
     assert flawed["exact_accuracy"] == pytest.approx(49 / 50)
     assert flawed["token_accuracy"] == pytest.approx((tokens - 1) / tokens)
@@ -250,7 +251,8 @@ class UniformLM(Model):
 def test_lm_metrics_of_a_uniform_model():
     x = torch.randint(0, 8, (5, 12))
     y = torch.randint(0, 8, (5, 12))
-    out = LMTask().test_metrics(UniformLM(8), x, y, {"itos": list("abcdefgh"), "entropy": {"bits_per_char": 1.0}})
+    out = LMTask().test_metrics(UniformLM(8), x, y, data_meta(itos=list("abcdefgh"),
+                                                                     entropy={"bits_per_char": 1.0}))
     assert out["cross_entropy"] == pytest.approx(math.log(8), rel=1e-5)
     assert out["bits_per_char"] == pytest.approx(3.0, rel=1e-5)
     assert out["perplexity"] == pytest.approx(8.0, rel=1e-4)
@@ -260,7 +262,8 @@ def test_lm_metrics_of_a_uniform_model():
 
 def test_samples_file_gets_one_section_per_epoch_and_a_rerun_epoch_replaces_its_own(tmp_path):
     from pipeline.data.prepare import Prepared
-    data = Prepared(meta={"itos": list("abcd")}, tensors={"val_x": torch.randint(0, 4, (3, 20))})
+    data = Prepared(meta={"name": "t", "input_shape": [20], "output_size": 4, "itos": list("abcd")},
+                    tensors={"val_x": torch.randint(0, 4, (3, 20))})
     task, model = LMTask(sample_tokens=30), UniformLM(4)
     for epoch in (1, 2, 3):
         task.end_epoch(model, epoch, tmp_path, data)
@@ -317,7 +320,7 @@ def test_decoder_only_lm_end_to_end_writes_samples(project, capsys):
     metrics = json.loads((project / "runs/lm/seed-0/metrics.json").read_text())
     history = metrics["final"]
     assert history["val/bits_per_char"] < math.log2(load_prepared(project / "data/prepared/tinytext")
-                                                    .meta["vocab_size"])  # better than uniform
+                                                    .meta.vocab_size)  # better than uniform
     samples = (project / "runs/lm/seed-0/samples.txt").read_text()
     assert samples.count("=== epoch ") == 3
     test = json.loads((project / "runs/lm/seed-0/eval.json").read_text())["test"]

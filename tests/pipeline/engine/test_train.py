@@ -139,7 +139,7 @@ def test_regression_reports_r2(tmp_path):
     for part in ("train", "val", "test"):
         x = data.tensors[f"{part}_x"]
         data.tensors[f"{part}_y"] = (x[:, :2] * torch.tensor([1.0, -2.0])).sum(1, keepdim=True)
-    data.meta.update(target="value", output_size=1, num_classes=None)
+    data.meta = data.meta.model_copy(update={"target": "value", "output_size": 1, "num_classes": None})
     spec = make_spec(epochs=15)
     spec.task = "regress"
     metrics = Trainer(spec, data, tmp_path, progress=False).run()
