@@ -96,6 +96,15 @@ def metric_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ :" else "_" for c in name)
 
 
+def _lost_insert_race(err: Exception) -> bool:
+    """A write that failed on a unique constraint: another process inserted the same row first (SQLite and
+    PostgreSQL through SQLAlchemy, or the message a tracking server passes on)."""
+    cause = err.__cause__
+    if cause is not None and type(cause).__name__ == "IntegrityError":
+        return True
+    return "unique constraint" in str(err).lower()
+
+
 class Tracker:
     """A thin handle on one MLflow run. Metrics are buffered and sent in one batch per flush."""
 
@@ -170,8 +179,16 @@ class Tracker:
         dataset = Dataset(name=meta.name, digest=(meta.content_hash or "")[:36], source_type="local",
                           source=json.dumps({"uri": meta.prepared_dir or ""}),
                           profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT,
-                                                                                        context)])])
+        inputs = [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as err:  # noqa: BLE001 - narrowed just below
+            if not _lost_insert_race(err):
+                raise
+            # Seeds trained side by side log the same dataset at the same moment: MLflow's store looks the row up,
+            # finds none, and both insert it; the loser's unique constraint fails. Now the row is there, and a
+            # second call only links this run to it.
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def end(self, status: str = "FINISHED", flush: bool = True) -> None:
         """Close the run; `flush=False` drops metrics not yet sent (an interrupted epoch is trained again)."""

@@ -154,3 +154,42 @@ def test_params_are_short_a_cnn_layer_list_is_spread_over_indexed_keys():
     assert params == {"model.kind": "cnn", "model.layers.0.type": "conv", "model.layers.0.channels": "16",
                       "model.layers.0.kernel": "3", "model.layers.1.type": "pool", "model.layers.1.size": "2",
                       "model.hidden": "[64, 32]"}
+
+
+def _log_the_same_dataset(uri: str, run_ids: list[str], barrier, failures) -> None:
+    """One of two processes: in each round, log the round's dataset to this process's run at the same moment as
+    the other process does to its own."""
+    from pipeline.engine.tracking import Tracker
+    from tests.conftest import data_meta
+    for round_, run_id in enumerate(run_ids):
+        tracker = Tracker(uri, f"race-{round_}", run_id=run_id)
+        barrier.wait()
+        try:
+            tracker.log_dataset(data_meta(name="digits", content_hash=f"hash{round_}"))
+        except Exception as err:  # noqa: BLE001 - reported to the test, which names it
+            failures.put(f"round {round_}: {type(err).__name__}: {err}"[:300])
+
+
+@pytest.mark.slow
+def test_seeds_logging_the_same_dataset_at_the_same_moment_both_get_it(store):
+    """Seeds trained side by side log the same new dataset at once; MLflow's store looks the row up, then
+    inserts it, so one of them used to fail on the unique constraint and take its seed down with it."""
+    import multiprocessing
+    client = MlflowClient(store)
+    rounds = 12
+    runs = [[client.create_run(client.create_experiment(f"race-{r}")).info.run_id for r in range(rounds)]]
+    runs.append([client.create_run(client.get_experiment_by_name(f"race-{r}").experiment_id).info.run_id
+                 for r in range(rounds)])
+    ctx = multiprocessing.get_context("spawn")
+    barrier, failures = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_log_the_same_dataset, args=(store, ids, barrier, failures)) for ids in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    errors = [failures.get() for _ in range(failures.qsize())]
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    for ids in runs:
+        for r, run_id in enumerate(ids):
+            [dataset] = client.get_run(run_id).inputs.dataset_inputs
+            assert dataset.dataset.digest == f"hash{r}"
