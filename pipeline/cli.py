@@ -277,20 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="spec files")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("train", help="train one experiment over its seeds, each into runs/NAME/seed-K/ (resumes "
-                                     "interrupted seeds, skips finished ones)")
-    p.add_argument("spec", help="spec file, e.g. specs/digits_mlp.yaml")
-    p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
-    p.add_argument("--out", help="run folder (default: runs/NAME)")
-    p.add_argument("--seed", type=int, help="train this seed only (default: the seeds params.yaml gives)")
-    p.add_argument("--workers", type=int, help="seeds trained side by side (default: one per core)")
-    p.add_argument("--evaluate", action="store_true", help="evaluate each seed on the test split after training")
-    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun; "
-                                                       "several machines: torchrun -m pipeline.cli train ...)")
-    p.add_argument("--restart", action="store_true", help="set the run's checkpoint aside (renamed, kept) and "
-                   "train afresh, e.g. after a corrupt checkpoint")
-    p.set_defaults(func=cmd_train)
+    _add_train(sub)
 
     p = sub.add_parser("evaluate", help="evaluate an experiment's trained seeds on the test split")
     p.add_argument("spec", help="spec file")
@@ -327,6 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
     return parser
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one experiment over its seeds, each into runs/NAME/seed-K/ (resumes "
+                                     "interrupted seeds, skips finished ones)")
+    p.add_argument("spec", help="spec file, e.g. specs/digits_mlp.yaml")
+    p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
+    p.add_argument("--out", help="run folder (default: runs/NAME)")
+    p.add_argument("--seed", type=int, help="train this seed only (default: the seeds params.yaml gives)")
+    p.add_argument("--workers", type=int, help="seeds trained side by side (default: one per core)")
+    p.add_argument("--evaluate", action="store_true", help="evaluate each seed on the test split after training")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun; "
+                                                       "several machines: torchrun -m pipeline.cli train ...)")
+    p.add_argument("--restart", action="store_true", help="set the run's checkpoint aside (renamed, kept) and "
+                   "train afresh, e.g. after a corrupt checkpoint")
+    p.set_defaults(func=cmd_train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -523,7 +523,7 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
     `experiment` overrides the MLflow experiment (a sweep keeps its nested trial runs beside their parent).
     """
     from pipeline.engine.cost import measure_cost, peak_memory
-    from pipeline.engine.tracking import number_text, source_tags, spec_params
+    from pipeline.engine.tracking import source_tags, spec_params
 
     run_dir = Path(run_dir)
 
@@ -543,22 +543,7 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
 
     trainer = Trainer(spec, data, run_dir, open_tracker if tracking_uri else None, callbacks, progress)
     check_monitor(spec, trainer, spec_path)
-    main = trainer.ranks.is_main  # rank 0 alone holds the run folder: its lock, its checkpoint
-    if main and not restart and (run_dir / CHECKPOINT).is_file():
-        read_checkpoint(run_dir / CHECKPOINT)  # a corrupt one is refused before the lock file is written
-    try:
-        with run_lock(run_dir) if main else contextlib.nullcontext():
-            if restart and main:  # under the lock: never from under a training in progress
-                aside = set_aside_checkpoint(run_dir)
-                if aside is not None:
-                    print(f"set the checkpoint aside as {aside}; training afresh", file=sys.stderr)
-            metrics = trainer.run()
-    except BaseException as err:
-        if trainer.tracker is not None:  # no MLflow run is left RUNNING by a failure we live to see
-            with contextlib.suppress(Exception):
-                # Epochs after the last checkpoint are not sent: a resume trains and logs them again.
-                trainer.tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", flush=False)
-        raise
+    metrics = _train_under_lock(trainer, run_dir, restart)
     # Every rank joins, before rank 0 goes on: each one's training time and peak memory.
     per_rank = trainer.ranks.gather((trainer.state.train_time_s, peak_memory(trainer.device)[0]))
     if not trainer.ranks.is_main:
@@ -568,21 +553,48 @@ def train_experiment(spec: ExperimentSpec, spec_path: str | Path, data: Prepared
         cost = distributed.add_rank_figures(cost, trainer.ranks, *zip(*per_rank))
     write_run_file(run_dir, Cost.model_validate(cost))
     if trainer.tracker is not None:
-        tracker = trainer.tracker
-        tracker.set_tags({"status": metrics["status"], **trainer.monitor.tags()})
-        # Cost numbers are params: one value each, a column of the runs table, not a lone dot in the charts.
-        tracker.log_params({f"cost.{k}": number_text(v) for k, v in cost.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        trained = [name for name in FILES if name != "eval.json"]  # eval.json comes later, from `archlab evaluate`
-        for name in ("history.csv", *trained, CHECKPOINT):
-            if (run_dir / name).is_file():
-                tracker.log_artifact(run_dir / name)
-        tracker.log_artifact(spec_path)
-        if (run_dir / "samples").is_dir():  # sample grids per epoch, sampled text
-            tracker.client.log_artifacts(tracker.run_id, str(run_dir / "samples"), "samples")
-        log_model_of(trainer, tracker, tracking_uri)
-        tracker.end("FAILED" if metrics["status"] == "diverged" else "FINISHED")
+        _close_tracked_run(trainer, metrics, cost, spec_path, tracking_uri)
     return metrics
+
+
+def _train_under_lock(trainer: Trainer, run_dir: Path, restart: bool) -> dict:
+    """Run the trainer holding the run folder's lock (rank 0 alone holds the folder); a failure we live to see
+    leaves no MLflow run RUNNING."""
+    main = trainer.ranks.is_main
+    if main and not restart and (run_dir / CHECKPOINT).is_file():
+        read_checkpoint(run_dir / CHECKPOINT)  # a corrupt one is refused before the lock file is written
+    try:
+        with run_lock(run_dir) if main else contextlib.nullcontext():
+            if restart and main:  # under the lock: never from under a training in progress
+                aside = set_aside_checkpoint(run_dir)
+                if aside is not None:
+                    print(f"set the checkpoint aside as {aside}; training afresh", file=sys.stderr)
+            return trainer.run()
+    except BaseException as err:
+        if trainer.tracker is not None:
+            with contextlib.suppress(Exception):
+                # Epochs after the last checkpoint are not sent: a resume trains and logs them again.
+                trainer.tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", flush=False)
+        raise
+
+
+def _close_tracked_run(trainer: Trainer, metrics: dict, cost: dict, spec_path: str | Path, tracking_uri: str) -> None:
+    """The finished run's tags, cost params, files and model, then its end."""
+    from pipeline.engine.tracking import number_text
+    tracker, run_dir = trainer.tracker, trainer.run_dir
+    tracker.set_tags({"status": metrics["status"], **trainer.monitor.tags()})
+    # Cost numbers are params: one value each, a column of the runs table, not a lone dot in the charts.
+    tracker.log_params({f"cost.{k}": number_text(v) for k, v in cost.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    trained = [name for name in FILES if name != "eval.json"]  # eval.json comes later, from `archlab evaluate`
+    for name in ("history.csv", *trained, CHECKPOINT):
+        if (run_dir / name).is_file():
+            tracker.log_artifact(run_dir / name)
+    tracker.log_artifact(spec_path)
+    if (run_dir / "samples").is_dir():  # sample grids per epoch, sampled text
+        tracker.client.log_artifacts(tracker.run_id, str(run_dir / "samples"), "samples")
+    log_model_of(trainer, tracker, tracking_uri)
+    tracker.end("FAILED" if metrics["status"] == "diverged" else "FINISHED")
 
 
 def log_model_of(trainer: Trainer, tracker: Tracker, tracking_uri: str) -> None:
