@@ -105,3 +105,17 @@ def test_no_import_loops():
 def test_the_cycle_finder_finds_a_loop_and_passes_a_chain():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+MAX_FUNCTION_LINES = 60  # "small rooms": a function longer than this is split into named steps
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in (p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
