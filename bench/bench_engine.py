@@ -1,6 +1,7 @@
 """Engine overhead: the archlab engine against a bare PyTorch loop, same model, data and optimizer.
 
-For each model (the default MLP and CNN on MNIST-1D) it trains, in one process and interleaved:
+For each model (the default MLP and CNN on MNIST-1D, and the MNIST-1D paper's bidirectional GRU of hidden size 6,
+about 5,100 parameters, most of them in the head) it trains, in one process and interleaved:
 
   bare                a hand-written loop: permutation batches, forward, loss, backward, step,
                       schedule; train loss/accuracy summed on the device; validation once per epoch
@@ -23,7 +24,8 @@ a shared machine cannot inflate (with one thread, CPU time is the work this proc
 A second table prices each diagnostic exactly: the CPU time spent inside the monitor's hooks
 (after_backward, after_step, end_epoch) in a run with only that diagnostic on.
 
-    python bench/bench_engine.py                 # both models, 3 interleaved repeats of 6 epochs
+    python bench/bench_engine.py                 # mlp and cnn, 3 interleaved repeats of 6 epochs
+    python bench/bench_engine.py --models gru    # the paper's tiny GRU
     python bench/bench_engine.py --models mlp --repeats 5 --threads 2
 """
 from __future__ import annotations
@@ -51,7 +53,8 @@ from pipeline.engine.tasks import make_task
 from pipeline.engine.train import Trainer, lr_factor, make_optimizer, seed_everything, train_experiment
 
 REPO = Path(__file__).resolve().parent.parent
-SPECS = {"mlp": REPO / "specs" / "mnist1d_mlp.yaml", "cnn": REPO / "specs" / "mnist1d_cnn.yaml"}
+SPECS = {"mlp": REPO / "specs" / "mnist1d_mlp.yaml", "cnn": REPO / "specs" / "mnist1d_cnn.yaml",
+         "gru": REPO / "bench" / "specs" / "mnist1d_paper_gru.yaml"}  # the MNIST-1D paper's tiny bidirectional GRU
 ALL_ON = {"enabled": True}
 VARIANTS: dict[str, dict | None] = {
     "bare": None,
@@ -232,7 +235,7 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn, gru")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
