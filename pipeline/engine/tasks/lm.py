@@ -100,6 +100,15 @@ class LMTask(TaskDefaults):
         out["sample"] = sample_text(model, x[0, :self.prompt_len], meta.itos, 4 * self.sample_tokens, seed=0)
         return out
 
+    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
+        """Per test sequence: −Σ log2 P(x_t | x_<t) and the number of tokens."""
+        losses = []
+        for xb, yb in batches(x, y):
+            logits = model(xb)  # (B, T, V)
+            losses.append(F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").sum(1) / math.log(2))
+        return {"loss_bits": torch.cat(losses).cpu().numpy().astype(np.float64),
+                "tokens": np.full(len(x), y.shape[1], dtype=np.int64)}
+
 
 def _epoch_sections(text: str) -> list[tuple[int, str]]:
     """samples.txt → [(epoch, sample)], parsed from its '=== epoch N ===' headers."""
@@ -109,12 +118,3 @@ def _epoch_sections(text: str) -> list[tuple[int, str]]:
         if header.isdigit():
             sections.append((int(header), body[:-1] if body.endswith("\n") else body))
     return sections
-
-    def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
-        """Per test sequence: −Σ log2 P(x_t | x_<t) and the number of tokens."""
-        losses = []
-        for xb, yb in batches(x, y):
-            logits = model(xb)  # (B, T, V)
-            losses.append(F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").sum(1) / math.log(2))
-        return {"loss_bits": torch.cat(losses).cpu().numpy().astype(np.float64),
-                "tokens": np.full(len(x), y.shape[1], dtype=np.int64)}

@@ -97,18 +97,6 @@ class Seq2SeqTask(TaskDefaults):
         return {"token_accuracy": stats["token_accuracy"], "exact_accuracy": stats["exact_accuracy"],
                 "cross_entropy": stats["loss"], "exact_accuracy_by_source_length": by_length, "examples": shown}
 
-
-def decode_tokens(ids: torch.Tensor, itos: list[str] | None) -> str:
-    """Token ids → text up to the first EOS, PAD and BOS dropped (ids themselves when there is no table)."""
-    out = []
-    for i in ids.tolist():
-        if i == EOS:
-            break
-        if i in (PAD, BOS):
-            continue
-        out.append(itos[i] if itos and i < len(itos) else f"[{i}]")
-    return ("" if all(len(s) == 1 for s in out) else " ").join(out)
-
     def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
         """Greedy decoding per sequence: whole sequence right, tokens right, tokens; teacher-forced loss."""
         parts: dict[str, list] = {"exact": [], "token_correct": [], "tokens": [], "loss": []}
@@ -122,3 +110,15 @@ def decode_tokens(ids: torch.Tensor, itos: list[str] | None) -> str:
             parts["tokens"].append(real.sum(1))
             parts["loss"].append(loss)
         return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
+
+
+def decode_tokens(ids: torch.Tensor, itos: list[str] | None) -> str:
+    """Token ids → text up to the first EOS, PAD and BOS dropped (ids themselves when there is no table)."""
+    out = []
+    for i in ids.tolist():
+        if i == EOS:
+            break
+        if i in (PAD, BOS):
+            continue
+        out.append(itos[i] if itos and i < len(itos) else f"[{i}]")
+    return ("" if all(len(s) == 1 for s in out) else " ").join(out)

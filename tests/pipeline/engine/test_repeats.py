@@ -123,3 +123,12 @@ def test_vary_split_trains_each_seed_on_its_own_split(tmp_path):
     assert torch.equal(same[0].val_x, same[1].val_x) and torch.equal(same[0].val_x, data.tensors["val_x"])
     assert not torch.equal(split[0].val_x, split[1].val_x)
     assert len(split[0].val_x) == len(data.tensors["val_x"])
+
+
+def test_every_task_that_keeps_records_records_them_itself():
+    """A task that says it keeps per-example records must define how (not inherit the empty default)."""
+    from pipeline.engine.tasks import TASKS
+    from pipeline.engine.tasks.base import TaskDefaults
+    keeping = {name for name, make in TASKS.items() if make().keeps_records}
+    assert keeping == {"classify", "regress", "seq2seq", "lm", "reconstruct"}
+    assert all(TASKS[name].example_records is not TaskDefaults.example_records for name in keeping)

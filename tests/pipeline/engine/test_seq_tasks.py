@@ -23,6 +23,7 @@ from pipeline.data.synthetic import (
     sentence_log2_prob,
     symbol_sequences,
 )
+from pipeline.engine.examples import example_records, metric_from_records
 from pipeline.engine.tasks import LMTask, Seq2SeqTask
 from pipeline.engine.tasks.seq2seq import decode_tokens, teacher_forcing_input
 from pipeline.specs.datasets import CorpusSource, SequenceSource
@@ -211,6 +212,14 @@ def test_seq2seq_metrics_of_a_perfect_and_a_nearly_perfect_model():
     assert set(flawed["exact_accuracy_by_source_length"]) <= {1, 2, 3, 4, 5}
 
 
+def test_seq2seq_keeps_per_example_records_that_add_up_to_its_exact_accuracy():
+    x, y, itos = reverse_pairs()
+    records = example_records("seq2seq", ReverseOracle(9, mistake=True), x, y, data_meta(itos=itos))
+    assert records["exact"].tolist() == [False] + [True] * 49  # the one mistake, in sequence 0
+    every = np.arange(len(x))[None]
+    assert metric_from_records("seq2seq", records, every)[0] == pytest.approx(49 / 50)
+
+
 def test_seq2seq_loss_ignores_padding_and_uses_teacher_forcing():
     x, y, _ = reverse_pairs()
     seen = {}
@@ -325,3 +334,12 @@ def test_decoder_only_lm_end_to_end_writes_samples(project, capsys):
     assert samples.count("=== epoch ") == 3
     test = json.loads((project / "runs/lm/seed-0/eval.json").read_text())["test"]
     assert test["entropy_bits_per_char"] < test["bits_per_char"] and "|" in test["sample"]
+
+
+def test_lm_keeps_per_example_records_that_add_up_to_its_bits_per_char():
+    x, y = torch.randint(0, 8, (5, 12)), torch.randint(0, 8, (5, 12))
+    records = example_records("lm", UniformLM(8), x, y, data_meta(itos=list("abcdefgh")))
+    assert records["tokens"].tolist() == [12] * 5
+    every = np.arange(len(x))[None]
+    assert metric_from_records("lm", records, every)[0] == pytest.approx(3.0, rel=1e-5)  # log2 8 bits a token
+
