@@ -84,7 +84,7 @@ def torchrun_command(args, seed: int) -> list[str]:
 
 
 def launch_ranks(args, seed: int) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # the ranks share the cores
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1"}  # the ranks share the cores
     return subprocess.call(torchrun_command(args, seed), env=env)
 
 

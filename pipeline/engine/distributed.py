@@ -149,7 +149,7 @@ def start(device: str) -> tuple[Ranks, torch.device | None]:
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # torchrun sets 1: ranks share the cores
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))  # ranks share the cores (torchrun: 1)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Ranks(rank, world, local), torch.device("cuda", local) if cuda else None
