@@ -21,7 +21,6 @@ The machine is shared: compare within one invocation only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +33,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.engine.runfiles import RunMetrics, read_run_file  # noqa: E402 - after the path above
 SPEC = "digits_mlp"
 
 
@@ -62,7 +64,7 @@ def train(root: Path, spec: Path, out: str, tracked: bool) -> tuple[float, float
     shutil.rmtree(root / out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", str(spec), "--out", out, "--seed", "0", "--evaluate"]
     wall = run(cmd + ([] if tracked else ["--no-track"]), root)
-    loop = json.loads((root / out / "seed-0" / "metrics.json").read_text())["train_time_s"]
+    loop = read_run_file(root / out / "seed-0", RunMetrics).train_time_s
     return wall, loop
 
 
