@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 RECORDS = "records.npz"
 
 
-def example_records(task: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:
+def example_records(task: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    meta: DataMeta) -> dict[str, np.ndarray]:
     """Each test example's scores, or {} for a task without per-example scores (generate). What each task
     records lives in its file (engine/tasks/), beside its metrics."""
     model.eval()
