@@ -256,6 +256,40 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_claims(args) -> int:
+    from pipeline.claims.report import CLAIMS_CSV, log_claims, update_readme, write_claims_report
+    from pipeline.claims.run import load_claims, train_claims
+    from pipeline.claims.verdicts import judge_claim
+    from pipeline.specs.config import tracking_uri
+    config = _config(args)
+    out = Path(args.out) if args.out else config.paths.reports
+    if args.readme:
+        return _claims_readme(Path(args.readme), out / CLAIMS_CSV, update_readme)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(None, f"--workers must be at least 1, got {args.workers}")
+    uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
+    claims = load_claims(Path(args.claims) if args.claims else config.paths.specs / "claims", args.quick, args.only)
+    runs = Path(args.runs) if args.runs else config.paths.claims
+    check_store(uri)
+    train_claims(claims, config, Path(args.data) if args.data else config.paths.data, runs, args.workers)
+    results = [judge_claim(claim, runs, config.equivalence) for claim in claims]
+    write_claims_report(results, out)
+    if uri:
+        log_claims(uri, results)
+    for r in results:
+        print(f"{r.claim.name}: {r.verdict}  ({r.deciding.text}: {r.deciding.outcome})")
+    return 0
+
+
+def _claims_readme(readme: Path, csv: Path, update) -> int:
+    import pandas as pd
+    if not csv.is_file():
+        raise UserError(csv, "not found; run `archlab claims` first", field="--readme")
+    changed = update(readme, pd.read_csv(csv))
+    print(f"{readme}: claims list {'updated' if changed else 'already current'}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from pipeline.specs.config import tracking_uri
     from pipeline.ui import run_ui
@@ -310,10 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(its spec, its candidates' specs, its data) to FILE")
     p.set_defaults(func=cmd_sweep)
 
+    _add_claims(sub)
+
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1, light on memory")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
     return parser
+
+
+def _add_claims(sub) -> None:
+    p = sub.add_parser("claims", help="run the textbook claims (specs/claims/) and write their verdicts")
+    p.add_argument("only", nargs="*", help="claim names (default: every claim)")
+    p.add_argument("--claims", help="folder of claim files (default: specs/claims)")
+    p.add_argument("--data", help="prepared datasets' folder (default: data/prepared; prepared where missing)")
+    p.add_argument("--runs", help="the claims' runs folder (default: claims/)")
+    p.add_argument("--out", help="reports folder (default: reports)")
+    p.add_argument("--workers", type=int, help="runs trained side by side (default: one per core)")
+    p.add_argument("--quick", action="store_true", help="the quick profile: every budget shrunk (for tests)")
+    p.add_argument("--no-track", action="store_true", help="do not log the verdicts to MLflow")
+    p.add_argument("--readme", metavar="FILE", help="only rewrite the claims list in FILE (between its markers) "
+                                                    "from the reports folder's claims.csv")
+    p.set_defaults(func=cmd_claims)
 
 
 def _add_train(sub) -> None:

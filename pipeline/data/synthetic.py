@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +142,22 @@ def sample_sentence(rng: np.random.Generator, grammar: dict = GRAMMAR) -> str:
                 break
         stack.extend(reversed(rhs))
     return " ".join(words) + ".\n"
+
+
+def lexicon(grammar: dict = GRAMMAR) -> frozenset[str]:
+    """Every word the grammar can produce."""
+    return frozenset(sym for rules in grammar.values() for _, rhs in rules for sym in rhs if sym not in grammar)
+
+
+def word_validity(text: str, grammar: dict = GRAMMAR) -> float | None:
+    """The share of whole words in `text` that are words of the grammar (the first and last word may be cut
+    off mid-word, so they are left out); None when fewer than one whole word."""
+    words = re.split(r"[\s.]+", text)[1:-1]
+    words = [w for w in words if w]
+    if not words:
+        return None
+    known = lexicon(grammar)
+    return sum(w in known for w in words) / len(words)
 
 
 def generate_corpus(characters: int, seed: int, grammar: dict = GRAMMAR) -> str:

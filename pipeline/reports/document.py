@@ -73,6 +73,7 @@ class Report:
     summary: list[Text]
     sections: list[Section]
     legend: list[tuple[str, str]]  # (term, meaning) shown once at the end
+    legend_title: str = "How to read the flags"
 
 
 # ── markdown ─────────────────────────────────────────────────────────────────
@@ -144,7 +145,7 @@ def render_markdown(report: Report) -> str:
             else:
                 lines += [f"*{md_escape(item.caption)}*", "", "```text", item.text.replace("```", "'''"), "```", ""]
     if report.legend:
-        lines += ["## How to read the flags", ""] + [f"- **{term}**: {meaning}" for term, meaning in report.legend]
+        lines += [f"## {report.legend_title}", ""] + [f"- **{term}**: {meaning}" for term, meaning in report.legend]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -242,7 +243,7 @@ def render_html(report: Report, reports_dir: Path) -> str:
                              f"<figcaption>{_h(item.caption)}</figcaption></figure>")
         parts.append("</section>")
     if report.legend:
-        parts.append('<section id="legend"><h2>How to read the flags</h2><dl>'
+        parts.append(f'<section id="legend"><h2>{_h(report.legend_title)}</h2><dl>'
                      + "".join(f"<dt>{_h(t)}</dt><dd>{_h(m)}</dd>" for t, m in report.legend) + "</dl></section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

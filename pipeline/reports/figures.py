@@ -72,20 +72,21 @@ def colors_for(records: list[RunRecord]) -> dict[str, tuple]:
 class FigureWriter:
     """Saves figures into reports/figures/ and hands back their references."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, link_dir: str = FIGURE_DIR):
         self.folder = Path(folder)
+        self.link_dir = link_dir  # the folder as the report links it, relative to the report
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def save(self, fig: Figure, stem: str, anchor: str, title: str, caption: str) -> FigureRef:
         name = f"{stem}.png"
         # compress_level 1: PNG encoding is most of a figure's cost; the files stay small at this size.
         fig.savefig(self.folder / name, dpi=DPI, pil_kwargs={"compress_level": 1})
-        return FigureRef(anchor, f"{FIGURE_DIR}/{name}", title, caption)
+        return FigureRef(anchor, f"{self.link_dir}/{name}", title, caption)
 
     def copy(self, source: Path, stem: str, anchor: str, title: str, caption: str) -> FigureRef:
         name = f"{stem}{source.suffix.lower()}"
         shutil.copyfile(source, self.folder / name)
-        return FigureRef(anchor, f"{FIGURE_DIR}/{name}", title, caption, kind="samples")
+        return FigureRef(anchor, f"{self.link_dir}/{name}", title, caption, kind="samples")
 
 
 def new_figure(width: float, height: float, rows: int = 1, cols: int = 1, *, left: float = 0.6,

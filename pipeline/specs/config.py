@@ -22,6 +22,8 @@ class PathsConfig(StrictModel):
     reports: Path = Field(default=Path("reports"), description="Comparison reports.")
     specs: Path = Field(default=Path("specs"), description="Experiment specs, one YAML per experiment.")
     sweeps: Path = Field(default=Path("sweeps"), description="Optuna study storage.")
+    claims: Path = Field(default=Path("claims"), description="The claims' training runs, one folder per claim (kept "
+                         "apart from runs/, so that the compare stage does not depend on them).")
 
 
 Vary = Literal["init", "split"]

@@ -13,8 +13,10 @@ from pipeline.specs.experiment import json_schema
 
 def schema_files() -> dict[str, dict]:
     """File name (relative to specs/) → schema."""
+    from pipeline.specs.claim import json_schema as claim_schema
     from pipeline.specs.sweep import json_schema as sweep_schema
-    return {"schema.json": for_editors(json_schema()), "sweeps/schema.json": for_editors(sweep_schema())}
+    return {"schema.json": for_editors(json_schema()), "sweeps/schema.json": for_editors(sweep_schema()),
+            "claims/schema.json": for_editors(claim_schema())}
 
 
 def for_editors(node):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models.contract import Model, Phase, Stats
+from pipeline.data.synthetic import word_validity
 from pipeline.engine.tasks.base import TaskDefaults, add_stats, batches
 from pipeline.io import atomic_write_text
 
@@ -98,6 +99,10 @@ class LMTask(TaskDefaults):
             out["entropy_bits_per_char"] = entropy  # the source's true entropy rate: no model can go below it
             out["excess_bits_per_char"] = stats["bits_per_char"] - entropy
         out["sample"] = sample_text(model, x[0, :self.prompt_len], meta.itos, 4 * self.sample_tokens, seed=0)
+        if entropy is not None:  # the project's grammar made the text: how much of the model's own text is words
+            validity = word_validity(out["sample"].split("|", 1)[1])
+            if validity is not None:
+                out["sample_word_validity"] = validity
         return out
 
     def example_records(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta) -> dict[str, np.ndarray]:

@@ -1,0 +1,90 @@
+"""Training the claims' experiments: every variant of every claim over its seeds, in one pool of workers.
+
+Each variant's spec is written to claims/CLAIM/VARIANT/spec.yaml (so a run can be retrained or inspected
+with `archlab train` like any other), and its seeds train into seed-K/ beside it. A seed already finished and
+evaluated for the same spec is skipped, so after a change to one claim only that claim's changed variants train.
+All claims share one pool: many small runs keep both cores busy, and each worker pays its imports once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.claims.measures import known_measure
+from pipeline.engine.checks import ensure_prepared
+from pipeline.engine.repeats import SeedJob, run_seeds, seed_jobs
+from pipeline.io import atomic_write_text
+from pipeline.specs.claim import Claim, CompareExpectation, claim_paths, load_claim
+from pipeline.specs.errors import UserError
+from pipeline.specs.experiment import spec_to_yaml
+
+SPEC_FILE = "spec.yaml"
+
+
+def check_measures(claim: Claim) -> None:
+    """Every measure a claim names is one the claims know; else a UserError naming the claim's field."""
+    named = [(f"expect[{i}].measure", e.measure) for i, e in enumerate(claim.spec.expect)]
+    for where, name in [*named, *((f"show[{i}]", m) for i, m in enumerate(claim.spec.show))]:
+        problem = known_measure(name)
+        if problem:
+            raise UserError(claim.path, problem, field=where)
+    for i, e in enumerate(claim.spec.expect):
+        if isinstance(e, CompareExpectation) and e.a == e.b:
+            raise UserError(claim.path, f"compares {e.a!r} with itself", field=f"expect[{i}]")
+
+
+def load_claims(folder: str | Path, quick: bool = False, only: list[str] | None = None) -> list[Claim]:
+    """Every claim in the folder (or those named), validated before anything trains."""
+    paths = claim_paths(folder)
+    if only:
+        known = {p.stem for p in paths}
+        missing = [name for name in only if name not in known]
+        if missing:
+            raise UserError(folder, f"no claim named {', '.join(missing)} (claims: {', '.join(sorted(known))})")
+        paths = [p for p in paths if p.stem in only]
+    if not paths:
+        raise UserError(folder, "no claim files (*.yaml) here")
+    claims = [load_claim(p, quick) for p in paths]
+    for claim in claims:
+        check_measures(claim)
+    return claims
+
+
+def variant_dir(runs: Path, claim: str, variant: str) -> Path:
+    return runs / claim / variant
+
+
+def _write_spec(folder: Path, text: str) -> Path:
+    path = folder / SPEC_FILE
+    if not path.is_file() or path.read_text() != text:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
+
+
+def claim_jobs(claim: Claim, config, data_root: Path, runs: Path) -> tuple[list[SeedJob], int]:
+    """(seed jobs still to run, seeds already done) for one claim; its data is prepared first where missing."""
+    jobs, done = [], 0
+    for name, spec in claim.variants.items():
+        data_dir = data_root / spec.data.dataset
+        ensure_prepared(config, spec, data_dir, str(claim.path))
+        folder = variant_dir(runs, claim.name, name)
+        spec_path = _write_spec(folder, spec_to_yaml(spec, schema_ref="../../../specs/schema.json"))
+        todo, finished = seed_jobs(spec, spec_path, claim.seeds, False, data_dir, folder, None, evaluate=True)
+        jobs += todo
+        done += len(finished)
+    return jobs, done
+
+
+def train_claims(claims: list[Claim], config, data_root: Path, runs: Path, workers: int | None = None) -> int:
+    """Train and evaluate every claim's missing seeds; → how many ran."""
+    jobs, done = [], 0
+    for claim in claims:
+        todo, finished = claim_jobs(claim, config, data_root, runs)
+        jobs += todo
+        done += finished
+    if done:
+        print(f"claims: {done} runs already done for their specs, skipped")
+    if jobs:
+        print(f"claims: training {len(jobs)} runs")
+        run_seeds(jobs, workers)
+    return len(jobs)
