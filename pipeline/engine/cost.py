@@ -7,11 +7,11 @@ so the whole measurement takes well under a second for the small models of the d
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention; a
 multiply-add counts 2). On the CPU it counts fused scaled-dot-product attention as 0, so every count
-runs under the math SDPA backend with the MHA fast path off.
+runs under the math SDPA backend with the MHA fast path off. The forward count is also split by kind of
+work (attention, projection, ffn, convolution, recurrence, other: pipeline/engine/flops.py) in the same pass.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.engine.flops import countable_attention, flops_by_kind
+
 PEAK_CACHE_ENV = "ARCHLAB_CACHE_DIR"  # overrides ~/.cache/archlab (tests point it at a temporary folder)
 FLOP_BATCH = 8  # samples per FLOP count: FLOPs are linear in the batch for every family here
 LATENCY_BUDGET_S = 0.25
@@ -41,19 +43,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 # ── FLOPs ─────────────────────────────────────────────────────────────────────
-@contextlib.contextmanager
-def countable_attention():
-    """Math SDPA and no MHA fast path: the only attention kernels FlopCounterMode sees on the CPU."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of everything `fn` runs (forward and, if it calls it, backward)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -199,7 +188,7 @@ def peak_flops(device: torch.device) -> float:
 
 
 # ── everything ────────────────────────────────────────────────────────────────
-KEYS = ("params_total", "params_trainable", "flops_forward_per_sample", "flops_train_step_per_sample",
+KEYS = ("params_total", "params_trainable", "flops_forward_per_sample", "flops_by_kind", "flops_train_step_per_sample",
         "train_time_s", "train_samples_per_s", "infer_samples_per_s", "latency_ms_p50", "latency_ms_p95",
         "peak_memory_mb", "memory_kind", "peak_flops", "mfu", "device")
 
@@ -225,8 +214,7 @@ def measure_cost(trainer, metrics: dict) -> dict:
     attempt(("train_samples_per_s",), lambda: {"train_samples_per_s": samples_per_second(trainer, metrics)})
     forward = trainer.task.inference_forward  # teacher-forced for seq2seq, the model's example forward else
     train_x, train_y = trainer.train_x[:FLOP_BATCH], trainer.train_y[:FLOP_BATCH]
-    attempt(("flops_forward_per_sample",),
-            lambda: {"flops_forward_per_sample": forward_flops(model, forward, train_x, train_y)})
+    attempt(("flops_forward_per_sample", "flops_by_kind"), lambda: forward_flop_split(model, forward, train_x, train_y))
     attempt(("flops_train_step_per_sample",),
             lambda: {"flops_train_step_per_sample": train_step_flops(model, trainer.task, train_x, train_y)})
     val_x, val_y = trainer.val_x[:256], trainer.val_y[:256]
@@ -240,6 +228,12 @@ def measure_cost(trainer, metrics: dict) -> dict:
     if unavailable:
         cost["unavailable"] = unavailable
     return {k: _rounded(v) for k, v in cost.items()}
+
+
+def forward_flop_split(model: nn.Module, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """flops_forward_per_sample and flops_by_kind from one counting pass (the total is forward_flops's)."""
+    total, by_kind = flops_by_kind(model, forward, x, y)
+    return {"flops_forward_per_sample": total, "flops_by_kind": {kind: _rounded(n) for kind, n in by_kind.items()}}
 
 
 def samples_per_second(trainer, metrics: dict) -> float | None:

@@ -146,6 +146,21 @@ class Diagnostics(Closed):
     overfitting: Overfitting | None = Field(default=None, description="Gaps, onset and fit verdict.")
 
 
+class FlopsByKind(Closed):
+    """Forward FLOPs per example, split by what does the work (the rules: pipeline/engine/flops.py). The kinds sum
+    to flops_forward_per_sample."""
+
+    attention: Number = Field(description="Attention itself: the scores QKᵀ and the weights × V (SDPA, or an RNN "
+                                          "decoder's attention scores and context).")
+    projection: Number = Field(description="The layers an attention module calls: its Q, K, V and output "
+                                           "projections.")
+    ffn: Number = Field(description="A Transformer layer's position-wise feed-forward network (W1 and W2).")
+    convolution: Number = Field(description="Every convolution.")
+    recurrence: Number = Field(description="RNN, LSTM and GRU layers: the input and recurrent products of the cells.")
+    other: Number = Field(description="The rest: embeddings and input projections, output heads, and the layers of a "
+                                      "plain MLP.")
+
+
 class Cost(Closed):
     """cost.json: size, compute, speed and memory of a trained run; a figure that could not be measured is null,
     with its reason under `unavailable`."""
@@ -155,6 +170,8 @@ class Cost(Closed):
     params_trainable: int | None = Field(description="Trainable parameters.")
     flops_forward_per_sample: Number | None = Field(description="FLOPs of one forward pass, per example.")
     flops_train_step_per_sample: Number | None = Field(description="FLOPs of one training step, per example.")
+    flops_by_kind: FlopsByKind | None = Field(default=None, description="flops_forward_per_sample split by kind "
+                                              "of work (attention, projection, ffn, convolution, recurrence, other).")
     train_time_s: Number | None = Field(description="Seconds of training.")
     train_samples_per_s: Number | None = Field(description="Training examples per second (all ranks).")
     infer_samples_per_s: Number | None = Field(description="Inference examples per second.")

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from pipeline.engine.cost import count_flops, forward_flops, measure_cost, peak_cache_path, peak_flops, peak_key
-from pipeline.specs.experiment import ExperimentSpec
+from pipeline.engine.runfiles import Cost
 from pipeline.engine.train import Trainer
+from pipeline.specs.experiment import ExperimentSpec
 from tests.conftest import tiny_classification
 
 
@@ -83,6 +84,8 @@ def test_measure_cost_counts_and_times_a_trained_mlp(tmp_path):
     # and the hidden layer's input gradient (2·32·3; the data needs none).
     assert cost["params_total"] == cost["params_trainable"] == 8 * 32 + 32 + 32 * 3 + 3
     assert cost["flops_forward_per_sample"] == 2 * (8 * 32 + 32 * 3)
+    assert cost["flops_by_kind"] == {"attention": 0, "projection": 0, "ffn": 0, "convolution": 0, "recurrence": 0,
+                                     "other": 2 * (8 * 32 + 32 * 3)}  # a plain MLP's layers are `other`
     assert cost["flops_train_step_per_sample"] == 2 * 2 * (8 * 32 + 32 * 3) + 2 * 32 * 3
     assert cost["train_time_s"] == metrics["train_time_s"] and cost["train_samples_per_s"] > 0
     assert cost["infer_samples_per_s"] > 0 and 0 < cost["latency_ms_p50"] <= cost["latency_ms_p95"]
@@ -134,5 +137,9 @@ def test_a_seq2seq_transformer_is_counted_teacher_forced_with_its_attention(tmp_
     cost = measure_cost(trainer, trainer.run())
     assert "unavailable" not in cost, cost.get("unavailable")
     assert cost["flops_forward_per_sample"] > 0
+    kinds = cost["flops_by_kind"]
+    assert sum(kinds.values()) == cost["flops_forward_per_sample"]
+    assert kinds["attention"] > 0 and kinds["projection"] > 0 and kinds["ffn"] > 0 and kinds["recurrence"] == 0
+    Cost.model_validate(cost)  # what train_experiment writes
     # A training step costs about three forward passes (backward ≈ 2×), never less than two.
     assert 2 < cost["flops_train_step_per_sample"] / cost["flops_forward_per_sample"] < 3.5
