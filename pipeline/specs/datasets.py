@@ -114,7 +114,7 @@ class MemorySource(StrictModel):
                                       "the first symbol across the gap; chance is 1/symbols.")
     symbols: int = Field(default=8, ge=2, le=256, description="Distinct symbols: the number of classes and of "
                          "input channels.")
-    gap: int = Field(default=20, ge=1, le=10_000, description="Steps T between the symbol to recall and the end of "
+    gap: int = Field(default=20, ge=1, le=1000, description="Steps T between the symbol to recall and the end of "
                      "the sequence (each a random distractor); a sequence is T + 1 steps long.")
     samples: int = Field(default=6000, ge=10, description="Sequences generated in all, before the split.")
     seed: int = Field(default=0, ge=0, description="Seed of the generator.")
