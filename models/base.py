@@ -24,12 +24,14 @@ class ArchitectureError(ValueError):
 def reject_fields_set_in_vain(spec: BaseModel, only_for: dict[str, tuple[str, object]]) -> None:
     """A field set that means nothing in the spec's configuration is a mistake, not a silent no-op.
 
-    `only_for` maps a field to (attribute, value) that gives it meaning, e.g. {"channels": ("arch", "conv")}.
+    `only_for` maps a field to (attribute, value) that gives it meaning, e.g. {"channels": ("arch", "conv")}, or to
+    (attribute, (value, value, ...)) where several do.
     Judged by value: a field left at its default says nothing, so a spec written out in full (a sweep's trial
     spec, `spec_to_yaml`) loads again.
     """
     for name in sorted(spec.model_fields_set & only_for.keys()):
         attr, needed = only_for[name]
-        if getattr(spec, attr) != needed and getattr(spec, name) != type(spec).model_fields[name].default:
-            raise ValueError(f"{name} applies to {attr} {needed} only (this one is {attr} {getattr(spec, attr)}); "
-                             "remove it")
+        allowed = needed if isinstance(needed, tuple) else (needed,)
+        if getattr(spec, attr) not in allowed and getattr(spec, name) != type(spec).model_fields[name].default:
+            raise ValueError(f"{name} applies to {attr} {' or '.join(map(str, allowed))} only (this one is {attr} "
+                             f"{getattr(spec, attr)}); remove it")

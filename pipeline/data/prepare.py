@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from models.base import StrictModel
 from models.registry import DataShape
 from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
-from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, Mnist1dSource, NpzSource,
-                                     NormaliseName, SequenceSource, SplitSpec, TableSource)
+from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, MemorySource, Mnist1dSource,
+                                     NormaliseName, NpzSource, SequenceSource, SplitSpec, TableSource)
 from pipeline.specs.errors import UserError, from_validation_error, refuse_unless_ours
 
 PREPARED_KIND = "prepared dataset"  # the kind of folder replace_dir marks (pipeline/io.py)
@@ -246,11 +246,18 @@ def _load_corpus(spec: CorpusSource) -> RawData:
                    extra_meta=extra)
 
 
+def _load_memory(spec: MemorySource) -> RawData:
+    from pipeline.data.synthetic import memory_sequences
+    x, y = memory_sequences(spec.symbols, spec.gap, spec.samples, spec.seed)
+    return RawData(x=x, y=y, target="class", num_classes=spec.symbols, classes=[str(i) for i in range(spec.symbols)],
+                   extra_meta={"chance_accuracy": 1.0 / spec.symbols})
+
+
 # One loader per source; a new source is a spec class above plus one entry here.
 LOADERS: dict[str, Callable[[StrictModel], RawData]] = {
     "digits": _load_digits, "mnist1d": _load_mnist1d, "diabetes": _load_diabetes,
     "npz": _load_npz, "table": _load_table, "idx": _load_idx,
-    "sequence": _load_sequence, "corpus": _load_corpus,
+    "sequence": _load_sequence, "corpus": _load_corpus, "memory": _load_memory,
 }
 
 
@@ -362,6 +369,9 @@ class DataMeta(BaseModel):
     corpus: str | None = Field(default=None, description="The text file, or 'grammar' (corpus data).")
     entropy: dict[str, Any] | None = Field(default=None, description="The generating grammar's entropy: the "
                                                                       "floor of any model's bits per character.")
+    chance_accuracy: float | None = Field(default=None, description="The accuracy of a model that ignores its "
+                                          "inputs, where the generator fixes it (memory data: 1/symbols, the "
+                                          "labels being uniform).")
     prepared_dir: str | None = Field(default=None, exclude=True, description="In memory only: the folder it was "
                                      "loaded from, beside which tasks keep artifacts (the feature classifier).")
     split_seed: int | None = Field(default=None, exclude=True, description="In memory only: the seed that "

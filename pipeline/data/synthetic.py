@@ -1,4 +1,4 @@
-"""Token data the project generates itself, offline and seeded: sequence tasks and a grammar's text.
+"""Data the project generates itself, offline and seeded: sequence tasks, a grammar's text, and recall.
 
 - Sequence tasks (seq2seq): reverse, sort, copy, and multi-digit addition ("12+34" → "46").
   Ids follow models/tokens.py: 0 PAD, 1 BOS, 2 EOS, symbols from 3. Sources are PAD-padded; targets end in
@@ -7,6 +7,8 @@
   grammar is LL(1) (the next word always tells which rule was used), so each text has exactly one derivation
   and the text's entropy is the derivation's: the sum, over the expected number of times each rule choice is
   made, of that choice's entropy. Per character, that is the lowest cross-entropy any model can reach.
+- Long-range memory (classify): one-hot symbol sequences whose class is the symbol shown `gap` steps before
+  the end.
 """
 from __future__ import annotations
 
@@ -93,6 +95,21 @@ def _random_number(rng: np.random.Generator, base: int, digits: int) -> int:
     """Uniform over the numbers with exactly `digits` digits (0 counts as a 1-digit number)."""
     low = 0 if digits == 1 else base ** (digits - 1)
     return int(rng.integers(low, base ** digits))
+
+
+# ── long-range memory ────────────────────────────────────────────────────────
+def memory_sequences(symbols: int, gap: int, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Recall over a gap: x (N, symbols, gap + 1) one-hot float32, channels × steps; y (N,) the symbol at step 0.
+
+    Every step, the first included, is drawn uniformly and independently of the others, so the label is
+    uniform (chance is 1/symbols) and the gap steps after it say nothing about it: only a model that carries
+    step 0 to the end can beat chance.
+    """
+    rng = np.random.default_rng(seed)
+    shown = rng.integers(0, symbols, size=(samples, gap + 1))  # (N, L): the symbol at each step
+    x = np.zeros((samples, symbols, gap + 1), dtype=np.float32)
+    x[np.arange(samples)[:, None], shown, np.arange(gap + 1)[None, :]] = 1.0
+    return x, shown[:, 0].astype(np.int64)
 
 
 # ── the grammar corpus ───────────────────────────────────────────────────────

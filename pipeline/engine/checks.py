@@ -84,6 +84,7 @@ def check_buildable(spec, meta: DataMeta, source):
     reason = task_data_mismatch(spec.task, meta)
     if reason is not None:
         raise UserError(source, reason, field="task")
+    _check_shifts(spec, meta, source)
     if spec.train.device == "cuda" and not torch.cuda.is_available():
         raise UserError(source, "is 'cuda' but this machine has no CUDA device; use auto or cpu", field="train.device")
     shape = shape_from_meta(meta)
@@ -102,6 +103,25 @@ def check_buildable(spec, meta: DataMeta, source):
                         field="model") from None
     _check_batch_norm_batches(spec, meta, model, source)
     return model, out
+
+
+def _check_shifts(spec, meta: DataMeta, source) -> None:
+    """evaluate.shifts moves inputs along their last axis: it means something for classifiers of signals and
+    images only, and a shift must leave some of the input in place."""
+    shifts = spec.evaluate.shifts
+    if not shifts:
+        return
+    if spec.task != "classify":
+        raise UserError(source, f"shifted evaluation scores classifiers; this spec's task is {spec.task}",
+                        field="evaluate.shifts")
+    if meta.source == "table" or len(meta.input_shape) not in (1, 2, 3):
+        raise UserError(source, f"shifted evaluation moves signals and images along their last axis; dataset "
+                        f"{meta.name!r} holds {'a table' if meta.source == 'table' else 'inputs'} of shape "
+                        f"{tuple(meta.input_shape)}", field="evaluate.shifts")
+    length = meta.input_shape[-1]
+    if max(shifts) >= length:
+        raise UserError(source, f"a shift of {max(shifts)} moves every value out of inputs whose last axis has "
+                        f"{length} positions; use shifts below {length}", field="evaluate.shifts")
 
 
 def _check_batch_norm_batches(spec, meta: DataMeta, model, source) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from pipeline.data.prepare import Prepared
 from pipeline.specs.experiment import ExperimentSpec
-from pipeline.engine.runfiles import Evaluation, path_of, write_run_file
+from pipeline.engine.runfiles import SHIFTED_ACCURACY, Evaluation, path_of, write_run_file
 from pipeline.engine.examples import RECORDS, example_records, write_records
 from pipeline.engine.tasks import make_task
+from pipeline.engine.tasks.classify import shifted_accuracy
 from pipeline.engine.train import load_checkpoint_model
 
 
@@ -19,8 +20,11 @@ def evaluate_run(spec: ExperimentSpec, data: Prepared, run_dir: str | Path, trac
     task = make_task(spec.task, data.meta)
     device = next(model.parameters()).device
     x, y = data.tensors["test_x"].to(device), data.tensors["test_y"].to(device)
+    test = task.test_metrics(model, x, y, data.meta)
+    if spec.evaluate.shifts:  # classify only: check_buildable refuses shifts anywhere else
+        test[SHIFTED_ACCURACY] = shifted_accuracy(model, x, y, spec.evaluate.shifts)
     evaluation = Evaluation(name=spec.name, status=state["status"], main_metric=task.metric, seed=spec.train.seed,
-                            spec_hash=spec.spec_hash(), test=task.test_metrics(model, x, y, data.meta))
+                            spec_hash=spec.spec_hash(), test=test)
     records = example_records(spec.task, model, x, y, data.meta)
     if records:  # records first: an eval.json never points at a missing or older records file
         write_records(run_dir / RECORDS, records)
@@ -38,8 +42,10 @@ def log_evaluation(tracking_uri: str, run_id: str, run_dir: Path, result: dict, 
     and end time describe the training (the Duration column), not when the evaluation happened."""
     from pipeline.engine.tracking import Tracker
     tracker = Tracker(tracking_uri, "", run_id=run_id, reopen=False)
-    tracker.log_metrics({f"test/{k}": v for k, v in result["test"].items()
-                         if isinstance(v, (int, float)) and math.isfinite(v)}, step=epoch)
+    test = result["test"]
+    scalars = {f"test/{k}": v for k, v in test.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    scalars.update({f"test/{SHIFTED_ACCURACY}/{k}": v for k, v in test.get(SHIFTED_ACCURACY, {}).items()})
+    tracker.log_metrics(scalars, step=epoch)
     tracker.flush()
     tracker.log_artifact(path_of(run_dir, Evaluation))
     if "fid" in result["test"] and data.meta.prepared_dir:

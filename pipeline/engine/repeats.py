@@ -29,11 +29,16 @@ def seed_spec(spec: ExperimentSpec, seed: int, vary_split: bool) -> ExperimentSp
 
 def is_done(spec: ExperimentSpec, run_dir: Path, evaluate: bool) -> bool:
     """Trained to the end for exactly this spec (and evaluated for it, when asked)."""
-    from pipeline.engine.runfiles import Evaluation, RunMetrics, read_run_fields
+    from pipeline.engine.runfiles import SHIFTED_ACCURACY, Evaluation, RunMetrics, read_run_fields
     metrics = read_run_fields(run_dir, RunMetrics)  # a missing or broken file: not done, trained again
     if metrics.get("spec_hash") != spec.spec_hash() or metrics.get("status") not in FINISHED:
         return False
-    return not evaluate or read_run_fields(run_dir, Evaluation).get("spec_hash") == spec.spec_hash()
+    if not evaluate:
+        return True
+    evaluation = read_run_fields(run_dir, Evaluation)
+    # spec_hash leaves the extra evaluations out (they change no training): the shifts scored are checked here.
+    shifts_scored = {int(k) for k in evaluation.get("test", {}).get(SHIFTED_ACCURACY, {})}
+    return evaluation.get("spec_hash") == spec.spec_hash() and shifts_scored == set(spec.evaluate.shifts)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class RunMetrics(BaseModel):
     mlflow_run_id: str | None = Field(description="The MLflow run; null when not tracked.")
 
 
+SHIFTED_ACCURACY = "shifted_accuracy"  # eval.json's test key: {shift: accuracy} (spec field evaluate.shifts)
+
+
 class Evaluation(BaseModel):
     """eval.json: the test-set metrics of a trained run, written by `archlab evaluate`."""
 
@@ -58,7 +61,8 @@ class Evaluation(BaseModel):
     seed: int = Field(description="The training seed of the evaluated run.")
     spec_hash: str = Field(description="Hash of the spec the evaluated run was trained from.")
     test: dict[str, Any] = Field(description="Test metrics: numbers, plus task-specific extras (confusion "
-                                             "matrix, classes, samples).")
+                                             "matrix, classes, samples) and, for a spec with evaluate.shifts, "
+                                             "shifted_accuracy: {shift: accuracy}.")
     records: str | None = Field(default=None, description="The per-example records file beside it; absent "
                                                           "when the task keeps none.")
 

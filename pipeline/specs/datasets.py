@@ -106,10 +106,25 @@ class CorpusSource(StrictModel):
                              "text's tail, validation chunks are drawn from the rest.")
 
 
+class MemorySource(StrictModel):
+    source: Literal["memory"] = Field(description="Synthetic long-range recall, generated offline "
+                                      "(pipeline/data/synthetic.py): a sequence of gap + 1 one-hot symbols, shape "
+                                      "(symbols, gap + 1) as channels × steps; the class is the symbol at the first "
+                                      "step, and the gap steps after it are random distractors. A model must carry "
+                                      "the first symbol across the gap; chance is 1/symbols.")
+    symbols: int = Field(default=8, ge=2, le=256, description="Distinct symbols: the number of classes and of "
+                         "input channels.")
+    gap: int = Field(default=20, ge=1, le=1000, description="Steps T between the symbol to recall and the end of "
+                     "the sequence (each a random distractor); a sequence is T + 1 steps long.")
+    samples: int = Field(default=6000, ge=10, description="Sequences generated in all, before the split.")
+    seed: int = Field(default=0, ge=0, description="Seed of the generator.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
+
+
 DATASET_SOURCES: list[type[StrictModel]] = [DigitsSource, Mnist1dSource, DiabetesSource, NpzSource, TableSource,
-                                            IdxSource, SequenceSource, CorpusSource]
+                                            IdxSource, SequenceSource, CorpusSource, MemorySource]
 DatasetSpec = Annotated[DigitsSource | Mnist1dSource | DiabetesSource | NpzSource | TableSource | IdxSource
-                        | SequenceSource | CorpusSource, Field(discriminator="source")]
+                        | SequenceSource | CorpusSource | MemorySource, Field(discriminator="source")]
 
 # Built-in datasets usable by name without a declaration in params.yaml.
 BUILTIN_DATASETS: dict[str, StrictModel] = {

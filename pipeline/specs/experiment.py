@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError, model_validator
+from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, StringConstraints, ValidationError,
+                      model_validator)
 
 from models import MODEL_SPECS, ModelSpec
 from models.registry import spec_kind
@@ -137,6 +138,24 @@ class DiagnosticsSpec(StrictModel):
                                  "(still falling), or when it fell by less than 10% overall.")
 
 
+class EvaluateSpec(StrictModel):
+    shifts: list[NonNegativeInt] = Field(default=[], description="classify on signals and images only: also score "
+                                         "the test set with each input translated by k steps (pixels, for images: "
+                                         "along the last axis, i.e. horizontally), for each k listed; eval.json "
+                                         "gets shifted_accuracy: {k: accuracy}. Each example is scored shifted by "
+                                         "+k and by -k, and the two accuracies are averaged. The positions "
+                                         "vacated are filled with 0, the training mean after the default "
+                                         "standardisation; unlike the training augmentation `max_shift`, which "
+                                         "rolls, nothing wraps around, so no content from one end appears at the "
+                                         "other. 0 gives the plain accuracy. Default: none.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "EvaluateSpec":
+        if len(set(self.shifts)) != len(self.shifts):
+            raise ValueError(f"shifts lists a shift twice: {self.shifts}")
+        return self
+
+
 class ExperimentSpec(StrictModel):
     """One experiment: which data, which task, which model, how to train it."""
 
@@ -149,6 +168,8 @@ class ExperimentSpec(StrictModel):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec, description="Gradient-health and "
                                          "overfitting diagnostics.")
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Extra test-set evaluations (they "
+                                   "change nothing in training).")
 
     @model_validator(mode="after")
     def _model_serves_task(self) -> "ExperimentSpec":
@@ -161,8 +182,9 @@ class ExperimentSpec(StrictModel):
         return self
 
     def spec_hash(self) -> str:
-        """Content hash of everything that affects training (not the description)."""
-        payload = self.model_dump(mode="json", exclude={"description"})
+        """Content hash of everything that affects training (not the description, nor the extra evaluations:
+        adding a shifted evaluation to a trained spec keeps its checkpoint, and every hash stays as it was)."""
+        payload = self.model_dump(mode="json", exclude={"description", "evaluate"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

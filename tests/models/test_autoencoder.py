@@ -231,8 +231,9 @@ def write_spec(folder, dataset="digits", task="reconstruct", extra=""):
 
 
 @pytest.mark.parametrize("extra", [", variant: vae, arch: conv, channels: [8, 16], beta: 0.5",
-                                   ", variant: dae, noise: masking, noise_level: 0.25, hidden: [32]"],
-                         ids=["vae-conv", "dae-mlp"])
+                                   ", variant: dae, noise: masking, noise_level: 0.25, hidden: [32]",
+                                   ", variant: ae, noise: masking, noise_level: 0.25"],
+                         ids=["vae-conv", "dae-mlp", "ae-scored-on-masking"])
 def test_a_valid_autoencoder_spec(extra, project, capsys):
     assert main(["validate", write_spec(project, extra=extra)]) == 0
     out = capsys.readouterr().out
@@ -240,7 +241,7 @@ def test_a_valid_autoencoder_spec(extra, project, capsys):
 
 
 @pytest.mark.parametrize("dataset,task,extra,field,words", [
-    ("digits", "reconstruct", ", variant: vae, noise: masking", "model", "noise applies to variant dae only"),
+    ("digits", "reconstruct", ", variant: vae, noise: masking", "model", "noise applies to variant ae or dae only"),
     ("digits", "reconstruct", ", channels: [8]", "model", "channels applies to arch conv only"),
     ("digits", "reconstruct", ", variant: dae, noise: masking, noise_level: 1.5", "model",
      "noise_level is the fraction of entries masking corrupts: it must be below 1"),

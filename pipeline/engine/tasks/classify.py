@@ -1,4 +1,5 @@
-"""classify: cross-entropy on class labels; accuracy, macro F1 and the confusion matrix."""
+"""classify: cross-entropy on class labels; accuracy, macro F1 and the confusion matrix; and, when a spec asks,
+accuracy on test inputs shifted along their last axis."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,3 +58,31 @@ class ClassifyTask(TaskDefaults):
         logits = predict(model, x)  # (N, K)
         return {"correct": (logits.argmax(1) == y).cpu().numpy(),
                 "loss": F.cross_entropy(logits, y, reduction="none").cpu().numpy().astype(np.float32)}
+
+
+def shifted(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x translated by k positions along its last axis (k > 0: towards its end), the vacated positions 0.
+
+    Nothing wraps around (unlike torch.roll, which the training augmentation uses): a shifted input holds only
+    what the input held, moved, and zeros where nothing came in.
+    """
+    if k == 0:
+        return x
+    out = torch.zeros_like(x)
+    if abs(k) >= x.shape[-1]:
+        return out
+    if k > 0:
+        out[..., k:] = x[..., :-k]
+    else:
+        out[..., :k] = x[..., -k:]
+    return out
+
+
+def shifted_accuracy(model: Model, x: torch.Tensor, y: torch.Tensor, shifts: list[int]) -> dict[str, float]:
+    """{str(k): accuracy} on the inputs shifted by k, each example scored at +k and at -k, the two averaged
+    (one fixed rule: no random direction to seed, and a model biased to one side is not flattered)."""
+    out = {}
+    for k in shifts:
+        right, left = ((predict(model, shifted(x, d)).argmax(1) == y).float().mean().item() for d in (k, -k))
+        out[str(k)] = (right + left) / 2
+    return out

@@ -59,7 +59,7 @@ class ReconstructTask(TaskDefaults):
         return out
 
     def end_epoch(self, model: Model, epoch: int, run_dir, data) -> dict[str, float]:
-        """samples/epoch_NNN.png: validation inputs against their reconstructions (dae: also from corrupted
+        """samples/epoch_NNN.png: validation inputs against their reconstructions (ae, dae: also from corrupted
         inputs; vae: also samples decoded from z ~ N(0, I)), in the data's original units."""
         device = next(model.parameters()).device
         t = data.tensors
@@ -81,7 +81,8 @@ class ReconstructTask(TaskDefaults):
     @torch.no_grad()
     def test_metrics(self, model: Model, x: torch.Tensor, y: torch.Tensor, meta: DataMeta,
                      batch_size: int = 1024) -> dict:
-        """Reconstruction error; dae: also from corrupted inputs, against the corruption's own error;
+        """Reconstruction error; ae and dae: also from corrupted inputs (one seeded draw of the spec's `noise`,
+        the same for both, so the two are compared on the very same inputs), against the corruption's own error;
         vae: ELBO, KL, and the quality of its samples (FID and class coverage, see engine/quality.py)."""
         model.eval()
         total: Stats = {}

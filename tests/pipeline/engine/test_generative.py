@@ -128,7 +128,7 @@ def test_reconstruct_test_metrics_per_variant():
 
     ae = model()
     out = task.test_metrics(ae, x, y, data_meta(), batch_size=128)  # several batches, summed
-    assert set(out) == {"mse", "rmse"}
+    assert set(out) == {"mse", "rmse", "corrupted_mse", "denoised_mse"}  # scored on the default noise too
     assert out["mse"] == pytest.approx((ae(x) - x).pow(2).mean().item(), rel=1e-5)
 
     dae = model(variant="dae", noise="gaussian", noise_level=0.5)
@@ -140,6 +140,28 @@ def test_reconstruct_test_metrics_per_variant():
     out = task.test_metrics(vae, x, y, data_meta())
     assert set(out) == {"mse", "rmse", "elbo", "kl", "nll"}
     assert out["elbo"] == pytest.approx(-(out["nll"] + out["kl"])) and out["kl"] > 0
+
+
+def test_a_plain_ae_is_scored_on_the_same_corrupted_inputs_as_a_dae():
+    """The claim "a dae restores corrupted inputs better than a plain ae" compares both on one draw of noise."""
+    from models import build_model
+    from models.autoencoder import AutoencoderSpec, corrupt
+    from models.registry import DataShape
+    from pipeline.engine.tasks.base import seeded
+    torch.manual_seed(0)
+    shape = DataShape(input_shape=(1, 8, 8), output_size=10)
+    x, y = torch.randn(200, 1, 8, 8), torch.zeros(200, dtype=torch.long)
+    task = ReconstructTask()
+    noise = {"noise": "masking", "noise_level": 0.25}
+    ae = build_model(AutoencoderSpec(kind="autoencoder", latent=4, hidden=[16], variant="ae", **noise), shape)
+    dae = build_model(AutoencoderSpec(kind="autoencoder", latent=4, hidden=[16], variant="dae", **noise), shape)
+    out_ae, out_dae = task.test_metrics(ae, x, y, data_meta()), task.test_metrics(dae, x, y, data_meta())
+    assert out_ae["corrupted_mse"] == out_dae["corrupted_mse"]  # the very same corrupted inputs
+    noisy = corrupt(x, "masking", 0.25, seeded(x.device, 0))
+    assert out_ae["corrupted_mse"] == pytest.approx((noisy - x).pow(2).mean().item())
+    ae.eval()
+    assert out_ae["denoised_mse"] == pytest.approx((ae(noisy) - x).pow(2).mean().item(), rel=1e-5)
+    assert out_ae["denoised_mse"] != out_ae["mse"]  # scored from the corrupted inputs, not the clean ones
 
 
 # ── sample grids ─────────────────────────────────────────────────────────────
