@@ -61,30 +61,42 @@ def _write_spec(folder: Path, text: str) -> Path:
     return path
 
 
-def claim_jobs(claim: Claim, config, data_root: Path, runs: Path) -> tuple[list[SeedJob], int]:
-    """(seed jobs still to run, seeds already done) for one claim; its data is prepared first where missing."""
-    jobs, done = [], 0
+def _resolve_warm_start(claim: Claim, spec, runs: Path):
+    """A variant that starts from another variant of the same claim (`train.init_from: VARIANT`) reads that
+    variant's runs, seed K from seed K."""
+    source = spec.train.init_from
+    if source is None or str(source) not in claim.variants:
+        return spec
+    train = spec.train.model_copy(update={"init_from": variant_dir(runs, claim.name, str(source))})
+    return spec.model_copy(update={"train": train})
+
+
+def claim_jobs(claim: Claim, config, data_root: Path, runs: Path) -> tuple[list[SeedJob], list[SeedJob], int]:
+    """(seed jobs to run first, jobs that start from another variant's runs, seeds already done) for one claim;
+    its data is prepared first where missing."""
+    first, after, done = [], [], 0
     for name, spec in claim.variants.items():
+        spec = _resolve_warm_start(claim, spec, runs)
         data_dir = data_root / spec.data.dataset
         ensure_prepared(config, spec, data_dir, str(claim.path))
         folder = variant_dir(runs, claim.name, name)
         spec_path = _write_spec(folder, spec_to_yaml(spec, schema_ref="../../../specs/schema.json"))
         todo, finished = seed_jobs(spec, spec_path, claim.seeds, False, data_dir, folder, None, evaluate=True)
-        jobs += todo
+        (after if spec.train.init_from is not None else first).extend(todo)
         done += len(finished)
-    return jobs, done
+    return first, after, done
 
 
 def train_claims(claims: list[Claim], config, data_root: Path, runs: Path, workers: int | None = None) -> int:
-    """Train and evaluate every claim's missing seeds; → how many ran."""
-    jobs, done = [], 0
+    """Train and evaluate every claim's missing seeds (warm-started variants after the rest); → how many ran."""
+    first, after, done = [], [], 0
     for claim in claims:
-        todo, finished = claim_jobs(claim, config, data_root, runs)
-        jobs += todo
-        done += finished
+        todo, later, finished = claim_jobs(claim, config, data_root, runs)
+        first, after, done = first + todo, after + later, done + finished
     if done:
         print(f"claims: {done} runs already done for their specs, skipped")
-    if jobs:
-        print(f"claims: training {len(jobs)} runs")
-        run_seeds(jobs, workers)
-    return len(jobs)
+    for wave in (first, after):
+        if wave:
+            print(f"claims: training {len(wave)} runs")
+            run_seeds(wave, workers)
+    return len(first) + len(after)

@@ -59,13 +59,12 @@ class ClaimResult:
         return self.outcomes[0]
 
 
-def _main_metric(claim: Claim, runs: Path) -> str | None:
+def _main_metric(seed_dirs: dict[int, Path]) -> str | None:
     from pipeline.engine.runfiles import Evaluation, read_run_fields
-    for name in claim.variants:
-        for folder in find_seed_dirs(runs / claim.name / name, claim.seeds).values():
-            metric = read_run_fields(folder, Evaluation).get("main_metric")
-            if metric:
-                return metric
+    for folder in seed_dirs.values():
+        metric = read_run_fields(folder, Evaluation).get("main_metric")
+        if metric:
+            return metric
     return None
 
 
@@ -74,17 +73,17 @@ class ClaimRuns:
 
     def __init__(self, claim: Claim, runs: Path):
         self.claim, self.runs = claim, runs
-        self.metric = _main_metric(claim, runs)
         self.seed_dirs = {v: find_seed_dirs(runs / claim.name / v, claim.seeds) for v in claim.variants}
+        self.metrics = {v: _main_metric(dirs) for v, dirs in self.seed_dirs.items()}  # variants may differ in task
         self._values: dict[tuple[str, str], VariantValues] = {}
 
-    def measure(self, name: str) -> Measure:
-        return measure(name, self.metric)
+    def measure(self, name: str, variant: str) -> Measure:
+        return measure(name, self.metrics[variant])
 
     def values(self, variant: str, name: str) -> VariantValues:
         key = (variant, name)
         if key not in self._values:
-            m = self.measure(name)
+            m = self.measure(name, variant)
             read = {s: m.read(folder) for s, folder in self.seed_dirs[variant].items()}
             kept = {s: v for s, v in read.items() if v is not None and not (m.log and v <= 0)}
             vv = VariantValues(variant, name, kept, m.log)
@@ -108,7 +107,7 @@ def _compare_test(runs: ClaimRuns, e: CompareExpectation, rng: np.random.Generat
 def _compare(runs: ClaimRuns, e: CompareExpectation, rng: np.random.Generator) -> SeedTest:
     if e.measure == "test_metric":
         return _compare_test(runs, e, rng)
-    m = runs.measure(e.measure)
+    m = runs.measure(e.measure, e.a)
     a, b = runs.values(e.a, e.measure).values, runs.values(e.b, e.measure).values
     shared = sorted(set(a) & set(b))
     return paired_seed_test([a[s] for s in shared], [b[s] for s in shared], m.mode, m.log)
@@ -117,7 +116,7 @@ def _compare(runs: ClaimRuns, e: CompareExpectation, rng: np.random.Generator) -
 def _margin(runs: ClaimRuns, e: CompareExpectation, margins: dict[str, float]) -> float | None:
     if e.margin is not None:
         return e.margin
-    return margins.get(runs.metric or "") if e.measure == "test_metric" else None
+    return margins.get(runs.metrics[e.a] or "") if e.measure == "test_metric" else None
 
 
 def _comparisons(runs: ClaimRuns, margins: dict[str, float], rng: np.random.Generator) -> dict[int, Outcome]:
@@ -127,7 +126,7 @@ def _comparisons(runs: ClaimRuns, margins: dict[str, float], rng: np.random.Gene
     judged = judge_pairs(tests, [_margin(runs, e, margins) for _, e in indexed])
     out = {}
     for (i, e), t, (pair_verdict, reason, p_holm) in zip(indexed, tests, judged):
-        m = runs.measure(e.measure)
+        m = runs.measure(e.measure, e.a)
         scale = " (log10)" if m.log else ""
         text = f"{e.a} vs {e.b} on {m.label}{scale}: {e.expect.replace('_', ' ')}"
         out[i] = Outcome(text, m.label, t.n, t.advantage, t.low, t.high, pair_outcome(pair_verdict, e.expect),
