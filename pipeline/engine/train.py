@@ -34,6 +34,7 @@ from pipeline.engine.runfiles import FILES, Cost, Diagnostics, RunMetrics, write
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tracking import Tracker
+from pipeline.engine.warmstart import trained_weights, warm_start
 from pipeline.io import atomic_torch_save, atomic_write_text
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
@@ -195,6 +196,7 @@ class Trainer:
         seed_everything(spec.train.seed, spec.train.deterministic)
         self.task = make_task(spec.task, data.meta)
         self.model = build_model(spec.model, data.shape).to(self.device)
+        warm_start(self.model, spec)  # before the phases: a frozen part gets no optimizer
         self.phases = self.task.phases(self.model)
         self.optimizers = [make_optimizer(spec.train.optimizer, p) for p in self.phases]
         self.l1_weights = [l1_weights(self.model, p) for p in self.phases]
@@ -641,8 +643,6 @@ def load_checkpoint_model(spec: ExperimentSpec, data: Prepared, run_dir: str | P
     device = device or pick_device(spec.train.device)
     ckpt = read_checkpoint(Path(run_dir) / CHECKPOINT, device)
     model = build_model(spec.model, data.shape).to(device)
-    state = ckpt["state"]
-    weights = state["best_weights"] if state.get("best_weights") and state["status"] != "diverged" else ckpt["model"]
-    model.load_state_dict(weights)
+    model.load_state_dict(trained_weights(ckpt))
     model.eval()
-    return model, state
+    return model, ckpt["state"]
