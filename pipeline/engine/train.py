@@ -196,7 +196,7 @@ class Trainer:
         seed_everything(spec.train.seed, spec.train.deterministic)
         self.task = make_task(spec.task, data.meta)
         self.model = build_model(spec.model, data.shape).to(self.device)
-        warm_start(self.model, spec)  # before the phases: a frozen part gets no optimizer
+        self.init_hash = warm_start(self.model, spec)  # before the phases: a frozen part gets no optimizer
         self.phases = self.task.phases(self.model)
         self.optimizers = [make_optimizer(spec.train.optimizer, p) for p in self.phases]
         self.l1_weights = [l1_weights(self.model, p) for p in self.phases]
@@ -224,6 +224,7 @@ class Trainer:
     def checkpoint(self) -> dict:
         return {
             "spec_hash": self.spec.spec_hash(),
+            **({"init_hash": self.init_hash} if self.init_hash else {}),
             "model": self.model.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -245,8 +246,8 @@ class Trainer:
         found = self.ranks.is_main and path.is_file()
         where = "cpu" if self.ranks.active else self.device
         ckpt = self.ranks.from_main(read_checkpoint(path, where) if found else None)
-        if ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash():
-            return False
+        if ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash() or ckpt.get("init_hash") != self.init_hash:
+            return False  # another spec, or other weights to start from: trained afresh
         self.model.load_state_dict(ckpt["model"])
         for opt, s in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(s)
@@ -440,7 +441,8 @@ class Trainer:
             best={k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
             train_time_s=round(self.state.train_time_s, 3),
             train_samples_per_s=round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
-            spec_hash=self.spec.spec_hash(), mlflow_run_id=self.state.run_id)
+            spec_hash=self.spec.spec_hash(), mlflow_run_id=self.state.run_id,
+            **({"init_hash": self.init_hash} if self.init_hash else {}))
 
     def write_outputs(self) -> dict:
         """history.csv, metrics.json and diagnostics.json (rank 0) → metrics.json's content, on every rank."""

@@ -233,3 +233,21 @@ def test_a_warm_started_run_depends_on_the_run_it_starts_from():
     from tests.conftest import REPO
     assert dependencies(load_spec(REPO / "specs" / "corpus_verbs_pretrained.yaml")) == [Path("runs/corpus_bert")]
     assert dependencies(load_spec(REPO / "specs" / "corpus_verbs_random.yaml")) == []
+
+
+def test_a_finished_probe_is_trained_again_once_its_pretraining_changes(pretrained, tmp_path):
+    """A warm-started seed counts as done (skipped, or resumed as finished) only for the weights it started from."""
+    import shutil
+
+    from pipeline.engine.repeats import is_done
+    source = tmp_path / "bert"
+    shutil.copytree(pretrained, source)
+    spec = spec_of("p", "labels", "classify", init_from=str(source), epochs=1)
+    metrics = train_experiment(spec, "t.yaml", tiny_labels(), tmp_path / "probe", None, progress=False)
+    assert len(metrics["init_hash"]) == 16 and is_done(spec, tmp_path / "probe", evaluate=False)
+    assert Trainer(spec, tiny_labels(), tmp_path / "probe", progress=False).try_resume()
+    ckpt = read_checkpoint(source / CHECKPOINT)
+    ckpt["model"]["body.embed.embed.weight"] += 0.01  # pretrained again, differently
+    torch.save(ckpt, source / CHECKPOINT)
+    assert not is_done(spec, tmp_path / "probe", evaluate=False)
+    assert not Trainer(spec, tiny_labels(), tmp_path / "probe", progress=False).try_resume()
