@@ -54,6 +54,11 @@ class Model(nn.Module):
         """Players' losses on a real batch and given samples; only adversarial models have any."""
         return {}
 
+    def transferable(self) -> nn.Module | None:
+        """The part of the model whose weights another run may start it from (`train.init_from`), such as a
+        token encoder's body under its masked-LM or classifier head; None: the family offers none."""
+        return None
+
 
 class ModelSpecBase(StrictModel):
     """Every family's spec: `tasks` is the set of tasks the family can serve."""
@@ -85,6 +90,13 @@ class LanguageModel(Protocol):
 
     def sample(self, prefix: torch.Tensor, n_tokens: int, temperature: float,
                generator: torch.Generator) -> torch.Tensor: ...  # (1, P + n)
+
+
+class MaskedLanguageModel(Protocol):
+    """x (B, T) tokens, some of them [MASK] (models/tokens.py) → logits (B, T, V + 1) at every position, each
+    position seeing the whole sequence (no causal mask)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class Sampler(Protocol):

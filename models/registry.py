@@ -19,6 +19,7 @@ class DataShape:
     max_len: int | None = None  # longest sequence, token tasks only
     target_len: int | None = None  # longest target sequence, seq2seq only
     value_range: tuple[float, float] | None = None  # min, max of the (normalised) training inputs; real data only
+    target: str | None = None  # what the targets are: class, value or tokens (None: not said)
 
 
 class Builder(Protocol):

@@ -160,6 +160,9 @@ class RNNSpec(ModelSpecBase):
 @register(RNNSpec)
 def build_rnn(spec: RNNSpec, shape: DataShape) -> nn.Module:
     if shape.vocab_size:  # token data: a language model
+        if shape.target == "class":
+            raise ArchitectureError("model.kind", "an rnn models text (lm) or classifies signals; to classify "
+                                    "labelled text use a transformer with shape: encoder")
         if spec.bidirectional:
             raise ArchitectureError("model.bidirectional", "a language model reads left to right only; "
                                     "set bidirectional: false")

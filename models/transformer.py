@@ -2,12 +2,16 @@
 
 - encoder (BERT-like) for classify: the signal is cut into patches of `patch` steps (an image into rows),
   each patch is projected to d_model and becomes a token; a [CLS] token or the mean of all tokens is classified.
+  On token data it is BERT's encoder (Devlin et al. 2019): token embedding (the data's vocabulary plus [MASK])
+  + positions → encoder layers, no causal mask. On text it is a masked language model (mlm: vocabulary logits at
+  every position, the output layer tied to the embedding); on labelled text a classifier (a [CLS] vector or
+  the mean of the positions). Both keep the encoder as `body`, so a classifier can start from an mlm run's.
 - encoder_decoder (the paper's shape) for seq2seq: the encoder reads the source; each decoder layer has masked
   self-attention over the target so far, cross-attention to the encoder's output, and an FFN.
   Training uses teacher forcing (`forward(src, tgt_in)`); `generate` decodes greedily, one token at a time.
 - decoder (GPT-like) for lm: masked self-attention only; `sample` draws text one token at a time.
 
-Token ids follow models/tokens.py: 0 PAD, 1 BOS, 2 EOS.
+Token ids follow models/tokens.py: 0 PAD, 1 BOS, 2 EOS; [MASK] is the first id past the data's vocabulary.
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ from models.layers.transformer_layers import (
     encoder_stack,
 )
 from models.registry import DataShape, register
-from models.tokens import BOS, EOS, PAD
+from models.tokens import BOS, EOS, PAD, with_mask
 
 TransformerShape = Literal["encoder", "encoder_decoder", "decoder"]
-TASKS_BY_SHAPE: dict[str, str] = {"encoder": "classify", "encoder_decoder": "seq2seq", "decoder": "lm"}
+TASKS_BY_SHAPE: dict[str, tuple[str, ...]] = {"encoder": ("classify", "mlm"), "encoder_decoder": ("seq2seq",),
+                                              "decoder": ("lm",)}
 
 
 # ── blocks ────────────────────────────────────────────────────────────────────
@@ -87,7 +92,64 @@ class OutputHead(nn.Module):
         return self.proj(h)
 
 
+class TokenEncoder(nn.Module):
+    """Tokens → contextual vectors, every position seeing every other: embedding + positions → encoder layers."""
+
+    def __init__(self, vocab_size: int, context: int, d_model: int, heads: int, layers: int, d_ff: int,
+                 activation: ActivationName, dropout: float, attention_dropout: float, positional: PositionalName,
+                 norm: NormPlacement, parts: LayerParts = FULL_PARTS):
+        super().__init__()
+        self.embed = TokenEmbedding(vocab_size, d_model)
+        self.positions = make_positions(positional, context, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = encoder_stack(layers, d_model, heads, d_ff, activation, dropout, attention_dropout, norm, parts)
+
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T) → (B, T, D); a `prefix` (1, 1, D), such as a [CLS] vector, goes first: (B, 1 + T, D)."""
+        h = self.drop(self.positions(self.embed(x)))
+        if prefix is not None:
+            h = torch.cat([prefix.expand(len(h), -1, -1), h], dim=1)
+        return self.encoder(h)
+
+
 # ── modules ───────────────────────────────────────────────────────────────────
+class MaskedLM(Model):
+    """BERT's pretraining model: the token encoder, then vocabulary logits at every position (models.contract
+    .MaskedLanguageModel); the task scores the masked positions only."""
+
+    def __init__(self, vocab_size: int, context: int, tie_embeddings: bool, **encoder):
+        super().__init__()
+        self.body = TokenEncoder(vocab_size, context, **encoder)
+        self.head = OutputHead(self.body.embed.embed.embedding_dim, vocab_size,
+                               self.body.embed if tie_embeddings else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) → (B, T, V + 1)
+        return self.head(self.body(x))
+
+    def transferable(self) -> nn.Module:
+        return self.body
+
+
+class TokenClassifier(Model):
+    """The token encoder, then one class per sequence: a [CLS] vector's output or the mean over positions."""
+
+    def __init__(self, vocab_size: int, context: int, pooling: Literal["cls", "mean"], classes: int, **encoder):
+        super().__init__()
+        self.body = TokenEncoder(vocab_size, context, **encoder)
+        d_model = self.body.embed.embed.embedding_dim
+        # The [CLS] vector joins after the positions, unnumbered: its own learned value marks it. It is the
+        # classifier's, not the body's, so a body pretrained without one loads unchanged.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if pooling == "cls" else None
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) → (B, K)
+        h = self.body(x, self.cls_token)
+        return self.head(h[:, 0] if self.cls_token is not None else h.mean(dim=1))
+
+    def transferable(self) -> nn.Module:
+        return self.body
+
+
 class EncoderClassifier(Model):
     """Encoder-only: patches → tokens (+ [CLS]) → positions → N encoder layers → pool → linear classifier."""
 
@@ -204,12 +266,13 @@ class DecoderOnly(Model):
 class TransformerSpec(ModelSpecBase):
     """A Transformer built from our own attention, positional encodings, FFN and residual + LayerNorm layers."""
 
-    tasks: ClassVar[frozenset[str]] = frozenset(TASKS_BY_SHAPE.values())
+    tasks: ClassVar[frozenset[str]] = frozenset(t for tasks in TASKS_BY_SHAPE.values() for t in tasks)
     kind: Literal["transformer"] = Field(description="Model family: Transformer (encoder, encoder-decoder or "
                                          "decoder-only, chosen by `shape`).")
-    shape: TransformerShape = Field(description="encoder: classify a signal or image (BERT/ViT-like); "
-                                    "encoder_decoder: seq2seq, as in the original paper; decoder: language "
-                                    "modelling, GPT-like.")
+    shape: TransformerShape = Field(description="encoder: classify a signal or image (ViT-like), or on token "
+                                    "data BERT's encoder: masked language modelling on text (mlm), classify "
+                                    "labelled text; encoder_decoder: seq2seq, as in the original paper; decoder: "
+                                    "language modelling, GPT-like.")
     d_model: PositiveInt = Field(default=64, description="Width of every token vector (the residual stream).")
     heads: PositiveInt = Field(default=4, description="Attention heads per layer; must divide d_model.")
     layers: PositiveInt = Field(default=2, description="Layers in the stack (for encoder_decoder: in the encoder "
@@ -233,12 +296,12 @@ class TransformerSpec(ModelSpecBase):
                              "pre-norm (the paper); false is an ablation.")
     norm: NormPlacement = Field(default="post", description="post: LayerNorm(x + SubLayer(x)), as in the paper; "
                                 "pre: x + SubLayer(LayerNorm(x)) plus a final LayerNorm (GPT-2, ViT).")
-    pooling: Literal["cls", "mean"] = Field(default="cls", description="encoder only: classify a prepended [CLS] "
-                                            "token's output, or the mean over all tokens.")
-    patch: PositiveInt = Field(default=1, description="encoder only: input steps (image rows) per token; must "
-                               "divide the sequence length.")
-    tie_embeddings: bool = Field(default=True, description="encoder_decoder and decoder: the output layer reuses "
-                                 "the token embedding matrix (the paper's weight sharing).")
+    pooling: Literal["cls", "mean"] = Field(default="cls", description="encoder only, for classify: classify a "
+                                            "prepended [CLS] token's output, or the mean over all tokens.")
+    patch: PositiveInt = Field(default=1, description="encoder only, on signals: input steps (image rows) per "
+                               "token; must divide the sequence length (token data: 1).")
+    tie_embeddings: bool = Field(default=True, description="encoder_decoder, decoder and the mlm encoder: the "
+                                 "output layer reuses the token embedding matrix (the paper's weight sharing).")
 
     _heads_divide_width = field_validator("heads")(heads_divide_width)
 
@@ -250,11 +313,11 @@ class TransformerSpec(ModelSpecBase):
         return self
 
     def served_tasks(self) -> frozenset[str]:
-        return frozenset({TASKS_BY_SHAPE[self.shape]})
+        return frozenset(TASKS_BY_SHAPE[self.shape])
 
     @classmethod
     def describe_tasks(cls) -> str:
-        return ", ".join(f"{task} (shape: {shape})" for shape, task in TASKS_BY_SHAPE.items())
+        return ", ".join(f"{task} (shape: {shape})" for shape, tasks in TASKS_BY_SHAPE.items() for task in tasks)
 
     def ffn_width(self) -> int:
         return self.ffn_dim or max(1, round(self.ffn_ratio * self.d_model))
@@ -275,8 +338,7 @@ def build_transformer(spec: TransformerSpec, shape: DataShape) -> nn.Module:
                   parts=LayerParts(residual=spec.residual, layer_norm=spec.layer_norm))
     if spec.shape == "encoder":
         if shape.vocab_size is not None:
-            raise ArchitectureError("model.shape", "an encoder transformer classifies signals or images; for token "
-                                    "data use shape encoder_decoder (seq2seq) or decoder (lm)")
+            return _token_encoder(spec, shape, common)
         return EncoderClassifier(input_shape=shape.input_shape, patch=spec.patch, pooling=spec.pooling,
                                  classes=shape.output_size, **common)
     _needs_tokens(spec, shape)
@@ -290,3 +352,16 @@ def build_transformer(spec: TransformerSpec, shape: DataShape) -> nn.Module:
                               **common)
     return DecoderOnly(vocab_size=shape.vocab_size, context=shape.max_len, tie_embeddings=spec.tie_embeddings,
                        causal=spec.causal, **common)
+
+
+def _token_encoder(spec: TransformerSpec, shape: DataShape, common: dict) -> Model:
+    """BERT's encoder on token data, its vocabulary the data's plus [MASK]: a classifier on labelled text, else
+    a masked language model."""
+    if spec.patch != 1:
+        raise ArchitectureError("model.patch", "token data has one token per position; patch applies to signals "
+                                "and images only: remove it")
+    vocab = with_mask(shape.vocab_size)
+    if shape.target == "class":
+        return TokenClassifier(vocab_size=vocab, context=shape.max_len, pooling=spec.pooling,
+                               classes=shape.output_size, **common)
+    return MaskedLM(vocab_size=vocab, context=shape.max_len, tie_embeddings=spec.tie_embeddings, **common)

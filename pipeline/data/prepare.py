@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from models.base import StrictModel
 from models.registry import DataShape
 from pipeline.io import atomic_write_bytes, atomic_write_json, replace_dir
-from pipeline.specs.datasets import (CorpusSource, DiabetesSource, DigitsSource, IdxSource, MemorySource, Mnist1dSource,
-                                     NormaliseName, NpzSource, SequenceSource, SplitSpec, TableSource)
+from pipeline.specs.datasets import (CorpusLabelsSource, CorpusSource, DiabetesSource, DigitsSource, IdxSource,
+                                     MemorySource, Mnist1dSource, NormaliseName, NpzSource, SequenceSource, SplitSpec,
+                                     TableSource)
 from pipeline.specs.errors import UserError, from_validation_error, refuse_unless_ours
 
 PREPARED_KIND = "prepared dataset"  # the kind of folder replace_dir marks (pipeline/io.py)
@@ -253,11 +254,23 @@ def _load_memory(spec: MemorySource) -> RawData:
                    extra_meta={"chance_accuracy": 1.0 / spec.symbols})
 
 
+def _load_corpus_labels(spec: CorpusLabelsSource) -> RawData:
+    """Token inputs (N, context) with class labels: the first sentence's main verb class (synthetic.py)."""
+    from pipeline.data.synthetic import MAIN_VERB_CLASSES, grammar_alphabet, main_verb_chunks
+    texts, labels = main_verb_chunks(spec.samples, spec.context, spec.seed)
+    itos = grammar_alphabet()  # the generated corpus's numbering, whatever characters these texts happen to use
+    stoi = {c: i for i, c in enumerate(itos)}
+    x = np.array([[stoi[c] for c in text] for text in texts], dtype=np.int64)
+    return RawData(x=x, y=labels, target="class", num_classes=len(MAIN_VERB_CLASSES), classes=MAIN_VERB_CLASSES,
+                   extra_meta={"vocab_size": len(itos), "max_len": spec.context, "itos": itos, "corpus": "grammar"})
+
+
 # One loader per source; a new source is a spec class above plus one entry here.
 LOADERS: dict[str, Callable[[StrictModel], RawData]] = {
     "digits": _load_digits, "mnist1d": _load_mnist1d, "diabetes": _load_diabetes,
     "npz": _load_npz, "table": _load_table, "idx": _load_idx,
     "sequence": _load_sequence, "corpus": _load_corpus, "memory": _load_memory,
+    "corpus_labels": _load_corpus_labels,
 }
 
 
@@ -319,7 +332,8 @@ def split_and_normalise(raw: RawData, split: SplitSpec) -> tuple[dict[str, np.nd
     arrays = {"train_x": x[train], "train_y": y[train], "val_x": x[val], "val_y": y[val],
               "test_x": x_test, "test_y": y_test}
     stats: dict = {}
-    if raw.target != "tokens" and split.normalise != "none":  # token ids are categorical; never rescale them
+    tokens_in = raw.target == "tokens" or (raw.extra_meta or {}).get("vocab_size") is not None  # labelled text too
+    if not tokens_in and split.normalise != "none":  # token ids are categorical; never rescale them
         axes = _norm_axes(arrays["train_x"], split.normalise)
         mean = arrays["train_x"].mean(axis=axes, keepdims=True)
         std = arrays["train_x"].std(axis=axes, keepdims=True) + 1e-6
@@ -412,7 +426,7 @@ class Prepared:
 
 def shape_from_meta(meta: DataMeta) -> DataShape:
     return DataShape(input_shape=tuple(meta.input_shape), output_size=meta.output_size, vocab_size=meta.vocab_size,
-                     max_len=meta.max_len, target_len=meta.target_len,
+                     max_len=meta.max_len, target_len=meta.target_len, target=meta.target,
                      value_range=tuple(meta.value_range) if meta.value_range else None)
 
 

@@ -142,23 +142,37 @@ GRAMMAR: dict[str, list[tuple[float, list[str]]]] = {
 START = "S"
 
 
+def _choose_rule(rng: np.random.Generator, rules: list[tuple[float, list[str]]]) -> int:
+    """One rule's index by inverse-CDF choice: one uniform draw per expansion."""
+    u, acc = rng.random(), 0.0
+    for i, (p, _) in enumerate(rules):
+        acc += p
+        if u < acc:
+            return i
+    return len(rules) - 1  # u past the rounded sum of the probabilities: the last rule
+
+
 def sample_sentence(rng: np.random.Generator, grammar: dict = GRAMMAR) -> str:
     """One sentence, expanded left to right with an explicit stack (no recursion limit): 'the cat ran.\\n'."""
+    return sample_main_clause(rng, grammar)[0]
+
+
+def sample_main_clause(rng: np.random.Generator, grammar: dict = GRAMMAR) -> tuple[str, int, int]:
+    """A sentence as sample_sentence draws it (the very same draws), with the rule its main clause's VP chose
+    (an index into grammar["VP"]) and the number of characters up to the end of that VP's verb."""
     words: list[str] = []
-    stack = [START]
+    stack = [(START, "root")]  # (symbol, "root" | "main": a child of the root | "": deeper)
+    main_rule, verb_word = -1, -1
     while stack:
-        symbol = stack.pop()
+        symbol, place = stack.pop()
         if symbol not in grammar:
             words.append(symbol)
             continue
-        rules = grammar[symbol]
-        u, acc = rng.random(), 0.0
-        for p, rhs in rules:  # inverse-CDF choice
-            acc += p
-            if u < acc:
-                break
-        stack.extend(reversed(rhs))
-    return " ".join(words) + ".\n"
+        rule = _choose_rule(rng, grammar[symbol])
+        if place == "main" and symbol == "VP":
+            main_rule, verb_word = rule, len(words)  # every VP rule starts with its verb
+        stack.extend((s, "main" if place == "root" else "") for s in reversed(grammar[symbol][rule][1]))
+    return " ".join(words) + ".\n", main_rule, len(" ".join(words[:verb_word + 1]))
 
 
 def lexicon(grammar: dict = GRAMMAR) -> frozenset[str]:
@@ -269,3 +283,34 @@ def _first_sets(grammar: dict) -> dict[str, set[str]]:
                     first[a] |= new
                     changed = True
     return first
+
+
+# ── labelled text from the grammar (a probe of what a text encoder learned) ──
+MAIN_VERB_CLASSES = ["intransitive", "transitive", "sentential"]  # grammar["VP"]'s rules, in their order
+
+
+def grammar_alphabet(grammar: dict = GRAMMAR) -> list[str]:
+    """Every character the grammar's text can hold, sorted: the generated corpus's vocabulary (its itos is
+    sorted(set(text)), which is this for any text long enough to use every word)."""
+    words = {s for rules in grammar.values() for _, rhs in rules for s in rhs if s not in grammar}
+    return sorted(set("".join(words)) | set(" .\n"))
+
+
+def main_verb_chunks(samples: int, context: int, seed: int, grammar: dict = GRAMMAR) -> tuple[list[str], np.ndarray]:
+    """`samples` texts of `context` characters, each from fresh sentences: it starts where a sentence starts
+    and runs on into the next ones. Its label is the first sentence's main verb class, the rule its top-level
+    VP chose (MAIN_VERB_CLASSES). The first verb is not always the main one (`the dog that saw Bob slept.`),
+    so a reader must parse, not spot a word. A sentence whose main verb ends past `context` characters is
+    drawn again: the label can always be read from the text."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    while len(texts) < samples:
+        sentence, rule, verb_end = sample_main_clause(rng, grammar)
+        if verb_end > context:
+            continue
+        text = sentence
+        while len(text) < context:
+            text += sample_sentence(rng, grammar)
+        texts.append(text[:context])
+        labels.append(rule)
+    return texts, np.array(labels, dtype=np.int64)

@@ -102,6 +102,7 @@ def check_buildable(spec, meta: DataMeta, source):
         raise UserError(source, f"the architecture does not fit the data ({shape.input_shape}): {err}",
                         field="model") from None
     _check_batch_norm_batches(spec, meta, model, source)
+    _check_transferable(spec, model, source)
     return model, out
 
 
@@ -122,6 +123,14 @@ def _check_shifts(spec, meta: DataMeta, source) -> None:
     if max(shifts) >= length:
         raise UserError(source, f"a shift of {max(shifts)} moves every value out of inputs whose last axis has "
                         f"{length} positions; use shifts below {length}", field="evaluate.shifts")
+
+
+def _check_transferable(spec, model, source) -> None:
+    """train.init_from and train.freeze need a model with a part to load or freeze (models.contract)."""
+    if (spec.train.init_from is not None or spec.train.freeze) and model.transferable() is None:
+        field = "train.init_from" if spec.train.init_from is not None else "train.freeze"
+        raise UserError(source, f"model kind {spec.model.kind!r} has no part that can be loaded or frozen as "
+                        "configured (a transformer with shape: encoder on token data has: its encoder)", field=field)
 
 
 def _check_batch_norm_batches(spec, meta: DataMeta, model, source) -> None:

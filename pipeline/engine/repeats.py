@@ -30,8 +30,11 @@ def seed_spec(spec: ExperimentSpec, seed: int, vary_split: bool) -> ExperimentSp
 def is_done(spec: ExperimentSpec, run_dir: Path, evaluate: bool) -> bool:
     """Trained to the end for exactly this spec (and evaluated for it, when asked)."""
     from pipeline.engine.runfiles import SHIFTED_ACCURACY, Evaluation, RunMetrics, read_run_fields
+    from pipeline.engine.warmstart import init_hash
     metrics = read_run_fields(run_dir, RunMetrics)  # a missing or broken file: not done, trained again
     if metrics.get("spec_hash") != spec.spec_hash() or metrics.get("status") not in FINISHED:
+        return False
+    if metrics.get("init_hash") != init_hash(spec):  # the run it started from was trained again since
         return False
     if not evaluate:
         return True

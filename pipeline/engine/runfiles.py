@@ -46,6 +46,8 @@ class RunMetrics(BaseModel):
     train_samples_per_s: float = Field(description="Training examples per second over the run.")
     spec_hash: str = Field(description="Hash of the spec the run was trained from.")
     mlflow_run_id: str | None = Field(description="The MLflow run; null when not tracked.")
+    init_hash: str | None = Field(default=None, description="Hash of the trained weights the run started from "
+                                  "(train.init_from); absent for a run from random weights.")
 
 
 SHIFTED_ACCURACY = "shifted_accuracy"  # eval.json's test key: {shift: accuracy} (spec field evaluate.shifts)

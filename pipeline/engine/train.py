@@ -34,6 +34,7 @@ from pipeline.engine.runfiles import FILES, Cost, Diagnostics, RunMetrics, write
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tracking import Tracker
+from pipeline.engine.warmstart import trained_weights, warm_start
 from pipeline.io import atomic_torch_save, atomic_write_text
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
@@ -195,6 +196,7 @@ class Trainer:
         seed_everything(spec.train.seed, spec.train.deterministic)
         self.task = make_task(spec.task, data.meta)
         self.model = build_model(spec.model, data.shape).to(self.device)
+        self.init_hash = warm_start(self.model, spec)  # before the phases: a frozen part gets no optimizer
         self.phases = self.task.phases(self.model)
         self.optimizers = [make_optimizer(spec.train.optimizer, p) for p in self.phases]
         self.l1_weights = [l1_weights(self.model, p) for p in self.phases]
@@ -222,6 +224,7 @@ class Trainer:
     def checkpoint(self) -> dict:
         return {
             "spec_hash": self.spec.spec_hash(),
+            **({"init_hash": self.init_hash} if self.init_hash else {}),
             "model": self.model.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -243,8 +246,8 @@ class Trainer:
         found = self.ranks.is_main and path.is_file()
         where = "cpu" if self.ranks.active else self.device
         ckpt = self.ranks.from_main(read_checkpoint(path, where) if found else None)
-        if ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash():
-            return False
+        if ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash() or ckpt.get("init_hash") != self.init_hash:
+            return False  # another spec, or other weights to start from: trained afresh
         self.model.load_state_dict(ckpt["model"])
         for opt, s in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(s)
@@ -438,7 +441,8 @@ class Trainer:
             best={k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
             train_time_s=round(self.state.train_time_s, 3),
             train_samples_per_s=round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
-            spec_hash=self.spec.spec_hash(), mlflow_run_id=self.state.run_id)
+            spec_hash=self.spec.spec_hash(), mlflow_run_id=self.state.run_id,
+            **({"init_hash": self.init_hash} if self.init_hash else {}))
 
     def write_outputs(self) -> dict:
         """history.csv, metrics.json and diagnostics.json (rank 0) → metrics.json's content, on every rank."""
@@ -641,8 +645,6 @@ def load_checkpoint_model(spec: ExperimentSpec, data: Prepared, run_dir: str | P
     device = device or pick_device(spec.train.device)
     ckpt = read_checkpoint(Path(run_dir) / CHECKPOINT, device)
     model = build_model(spec.model, data.shape).to(device)
-    state = ckpt["state"]
-    weights = state["best_weights"] if state.get("best_weights") and state["status"] != "diverged" else ckpt["model"]
-    model.load_state_dict(weights)
+    model.load_state_dict(trained_weights(ckpt))
     model.eval()
-    return model, state
+    return model, ckpt["state"]

@@ -121,10 +121,26 @@ class MemorySource(StrictModel):
     split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split.")
 
 
+class CorpusLabelsSource(StrictModel):
+    source: Literal["corpus_labels"] = Field(description="Labelled text from the corpus's grammar, generated "
+                                             "offline: each example is `context` characters starting at a "
+                                             "sentence's start, labelled with that sentence's main verb class "
+                                             "(intransitive, transitive, sentential: the rule its main clause's "
+                                             "VP chose). Its characters are numbered as in the generated corpus, "
+                                             "so an encoder pretrained there reads it.")
+    samples: int = Field(default=3000, ge=20, description="Examples generated in all, before the split.")
+    context: int = Field(default=64, ge=8, description="Characters per example (the corpus's context, so a "
+                         "pretrained encoder's positions fit).")
+    seed: int = Field(default=1, ge=0, description="Seed of the generator; the default differs from the "
+                      "corpus's (0), so the probe's text is not the text an encoder was pretrained on.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="How the data is split (stratified by class).")
+
+
 DATASET_SOURCES: list[type[StrictModel]] = [DigitsSource, Mnist1dSource, DiabetesSource, NpzSource, TableSource,
-                                            IdxSource, SequenceSource, CorpusSource, MemorySource]
+                                            IdxSource, SequenceSource, CorpusSource, MemorySource, CorpusLabelsSource]
 DatasetSpec = Annotated[DigitsSource | Mnist1dSource | DiabetesSource | NpzSource | TableSource | IdxSource
-                        | SequenceSource | CorpusSource | MemorySource, Field(discriminator="source")]
+                        | SequenceSource | CorpusSource | MemorySource | CorpusLabelsSource,
+                        Field(discriminator="source")]
 
 # Built-in datasets usable by name without a declaration in params.yaml.
 BUILTIN_DATASETS: dict[str, StrictModel] = {

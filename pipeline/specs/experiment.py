@@ -21,7 +21,7 @@ from pipeline.specs.metrics import Mode
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 MAX_SEED = 2**32 - 1  # numpy's seed range: a larger seed validates as an int but crashes training
-TaskName = Literal["classify", "regress", "seq2seq", "lm", "reconstruct", "generate"]
+TaskName = Literal["classify", "regress", "seq2seq", "lm", "reconstruct", "generate", "mlm"]
 
 
 class DataRef(StrictModel):
@@ -92,6 +92,13 @@ class TrainSpec(StrictModel):
                                                    "else cpu.")
     checkpoint_every_s: float = Field(default=10.0, ge=0.0, description="Write a checkpoint at the end of an epoch "
                                       "at most this often (0: every epoch); the last epoch is always written.")
+    init_from: Path | None = Field(default=None, description="Start the model's transferable part (a token "
+                                   "encoder's body, not its head) from another run's trained weights: a run "
+                                   "folder holding checkpoint.pt (runs/NAME/seed-K), or an experiment's folder "
+                                   "(runs/NAME), whose seed-K this run's seed K starts from. That run must have "
+                                   "finished, with the same architecture and vocabulary. Default: random weights.")
+    freeze: bool = Field(default=False, description="Keep the transferable part as it starts (loaded, or random "
+                         "without init_from) and train the head alone: a linear probe. false: fine-tune it all.")
 
     @model_validator(mode="before")
     @classmethod
@@ -163,7 +170,8 @@ class ExperimentSpec(StrictModel):
                        "the MLflow run name.")
     description: str = Field(default="", description="Free text shown in reports.")
     data: DataRef = Field(description="Which dataset to train on.")
-    task: TaskName = Field(description="What the model learns: classify, regress, seq2seq, lm, reconstruct, generate.")
+    task: TaskName = Field(description="What the model learns: classify, regress, seq2seq, lm, reconstruct, generate, "
+                           "mlm (masked language modelling).")
     model: ModelSpec = Field(description="The architecture; `kind` picks the family.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec, description="Gradient-health and "

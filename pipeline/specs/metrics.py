@@ -1,7 +1,7 @@
 """Metric directions: the one vocabulary that tasks, early stopping, sweeps and reports share.
 
 A metric is lower-is-better when its name is on LOWER_IS_BETTER, else higher-is-better (accuracy, r2,
-exact_accuracy, coverage, elbo). Known by name, so that reports need not import the tasks (and torch).
+exact_accuracy, masked_accuracy, coverage, elbo). Known by name, so that reports need not import the tasks (and torch).
 """
 from __future__ import annotations
 

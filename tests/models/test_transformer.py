@@ -154,7 +154,7 @@ def test_heads_must_divide_the_width():
 
 
 def test_served_tasks_follow_the_shape():
-    assert spec(shape="encoder").served_tasks() == {"classify"}
+    assert spec(shape="encoder").served_tasks() == {"classify", "mlm"}
     assert spec(shape="encoder_decoder").served_tasks() == {"seq2seq"}
     assert spec(shape="decoder").served_tasks() == {"lm"}
 
@@ -166,7 +166,8 @@ def write_spec(folder, dataset, task, shape, extra=""):
 
 @pytest.mark.parametrize("dataset,task,shape", [("digits", "classify", "encoder"),
                                                 ("reverse", "seq2seq", "encoder_decoder"),
-                                                ("corpus", "lm", "decoder")])
+                                                ("corpus", "lm", "decoder"), ("corpus", "mlm", "encoder"),
+                                                ("corpus_labels", "classify", "encoder")])
 def test_a_valid_spec_per_shape(dataset, task, shape, project, capsys):
     assert main(["validate", write_spec(project, dataset, task, shape)]) == 0
     assert "ok" in capsys.readouterr().out
@@ -175,8 +176,9 @@ def test_a_valid_spec_per_shape(dataset, task, shape, project, capsys):
 def test_a_decoder_only_transformer_cannot_do_seq2seq(project, capsys):
     err = validate_error(write_spec(project, "reverse", "seq2seq", "decoder"), capsys)
     assert "cannot serve task 'seq2seq' as configured (it serves lm)" in err
-    assert "Valid pairs:" in err and "transformer: classify (shape: encoder), seq2seq (shape: encoder_decoder), " \
-                                      "lm (shape: decoder)" in err and "mlp: classify, regress" in err
+    assert "Valid pairs:" in err and "mlp: classify, regress" in err
+    assert "transformer: classify (shape: encoder), mlm (shape: encoder), seq2seq (shape: encoder_decoder), " \
+           "lm (shape: decoder)" in err
 
 
 @pytest.mark.parametrize("dataset,task,shape,extra,field,words", [

@@ -8,6 +8,7 @@ from pipeline.engine.tasks.base import Task
 from pipeline.engine.tasks.classify import ClassifyTask
 from pipeline.engine.tasks.generate import GenerateTask
 from pipeline.engine.tasks.lm import LMTask
+from pipeline.engine.tasks.mlm import MLMTask
 from pipeline.engine.tasks.reconstruct import ReconstructTask
 from pipeline.engine.tasks.regress import RegressTask
 from pipeline.engine.tasks.seq2seq import Seq2SeqTask
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
 
 # One entry per task name: adding a task is one new file here plus its line.
 TASKS: dict[str, Callable[[], Task]] = {"classify": ClassifyTask, "regress": RegressTask, "seq2seq": Seq2SeqTask,
-                                        "lm": LMTask, "reconstruct": ReconstructTask, "generate": GenerateTask}
+                                        "lm": LMTask, "reconstruct": ReconstructTask, "generate": GenerateTask,
+                                        "mlm": MLMTask}
 
 
 def data_kind(meta: DataMeta) -> str:

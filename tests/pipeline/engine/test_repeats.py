@@ -130,5 +130,5 @@ def test_every_task_that_keeps_records_records_them_itself():
     from pipeline.engine.tasks import TASKS
     from pipeline.engine.tasks.base import TaskDefaults
     keeping = {name for name, make in TASKS.items() if make().keeps_records}
-    assert keeping == {"classify", "regress", "seq2seq", "lm", "reconstruct"}
+    assert keeping == {"classify", "regress", "seq2seq", "lm", "reconstruct", "mlm"}
     assert all(TASKS[name].example_records is not TaskDefaults.example_records for name in keeping)

@@ -7,7 +7,7 @@ from pipeline.specs.metrics import OPTUNA_DIRECTION, is_better, metric_mode, mod
 
 def test_every_task_main_metric_has_the_direction_its_meaning_gives():
     expected = {"classify": "max", "regress": "max", "seq2seq": "max", "lm": "min", "reconstruct": "min",
-                "generate": "min"}
+                "generate": "min", "mlm": "max"}
     assert {name: make().mode for name, make in TASKS.items()} == expected
 
 
