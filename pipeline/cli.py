@@ -257,14 +257,14 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_claims(args) -> int:
-    from pipeline.claims.report import CLAIMS_CSV, log_claims, update_readme, write_claims_report
+    from pipeline.claims.report import CLAIMS_CSV, log_claims, write_claims_report
     from pipeline.claims.run import load_claims, train_claims
     from pipeline.claims.verdicts import judge_claim
     from pipeline.specs.config import tracking_uri
     config = _config(args)
     out = Path(args.out) if args.out else config.paths.reports
     if args.readme:
-        return _claims_readme(Path(args.readme), out / CLAIMS_CSV, update_readme)
+        return _claims_readme(Path(args.readme), out / CLAIMS_CSV)
     if args.workers is not None and args.workers < 1:
         raise UserError(None, f"--workers must be at least 1, got {args.workers}")
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
@@ -281,11 +281,15 @@ def cmd_claims(args) -> int:
     return 0
 
 
-def _claims_readme(readme: Path, csv: Path, update) -> int:
+def _claims_readme(readme: Path, csv: Path) -> int:
     import pandas as pd
+
+    from pipeline.claims.report import update_readme
     if not csv.is_file():
         raise UserError(csv, "not found; run `archlab claims` first", field="--readme")
-    changed = update(readme, pd.read_csv(csv))
+    if not readme.is_file():
+        raise UserError(readme, "no such file", field="--readme")
+    changed = update_readme(readme, pd.read_csv(csv))
     print(f"{readme}: claims list {'updated' if changed else 'already current'}")
     return 0
 

@@ -13,6 +13,7 @@ from pipeline.claims.verdicts import ClaimResult, VariantValues
 from pipeline.io import atomic_write_text, replace_dir
 from pipeline.reports.document import Report, Section, Table, render_html, render_markdown
 from pipeline.reports.figures import FigureRef, FigureWriter, new_figure, slug
+from pipeline.specs.errors import UserError
 
 CLAIMS_MD = "claims.md"
 CLAIMS_HTML = "claims.html"
@@ -142,7 +143,6 @@ def readme_block(frame: pd.DataFrame) -> str:
 def update_readme(readme: Path, frame: pd.DataFrame) -> bool:
     """Replace the text between the markers in README; → whether it changed. README without both markers is
     refused: archlab writes only inside the block it made."""
-    from pipeline.specs.errors import UserError
     text = readme.read_text()
     start, end = text.find(README_BEGIN), text.find(README_END)
     if start < 0 or end < start:

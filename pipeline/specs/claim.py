@@ -152,7 +152,10 @@ def load_claim(path: str | Path, quick: bool = False) -> Claim:
         field = ".".join(str(p) for p in e["loc"] if p not in ("compare", "threshold", "trend")) or "(top level)"
         raise UserError(path, e["msg"].removeprefix("Value error, "), field=field) from None
     _check_names(spec, path)
-    base = parse_spec({**spec.base, "name": f"{path.stem}-base"}, path).model_dump(mode="json")
+    try:
+        base = parse_spec({**spec.base, "name": f"{path.stem}-base"}, path).model_dump(mode="json")
+    except UserError as err:  # the field lies under `base`
+        raise UserError(path, err.message, field=f"base.{err.field}") from None
     variants = {name: _variant_spec(base, name, overrides, path, spec.quick if quick else None)
                 for name, overrides in spec.variants.items()}
     first = variants[next(iter(variants))].train.seed

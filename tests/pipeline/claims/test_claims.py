@@ -48,6 +48,8 @@ def write_claim(tmp_path, text: str, name: str = "relu_beats_logistic"):
     (("relu: {}", "relu: {model.activation: relux}"), "variants.relu: model.activation", "Input should be"),
     (("expect: better}", "expect: best}"), "expect.0.expect", "Input should be"),
     (("seeds: 2", "seeds: 0"), "seeds", "greater than 0"),
+    (("activation: relu}", "activation: relux}"), "base.model.activation", "Input should be"),
+    (("a: relu, b: logistic", "a: relu, b: relu"), "expect[0]", "compares 'relu' with itself"),
 ])
 def test_a_bad_claim_exits_2_naming_file_and_field_and_trains_nothing(tmp_path, capsys, change, field, message):
     path = write_claim(tmp_path, CLAIM.replace(*change))
