@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
 
 
 def _seed_line(name: str, seed: int, run_dir: Path) -> str:
-    from pipeline.engine.repeats import seed_dir
+    from pipeline.engine.checkpoints import seed_dir
     from pipeline.engine.runfiles import Evaluation, RunMetrics, path_of, read_run_file
     folder = seed_dir(run_dir, seed)
     metrics = read_run_file(folder, RunMetrics)
@@ -158,8 +158,9 @@ def _seed_line(name: str, seed: int, run_dir: Path) -> str:
 
 
 def cmd_evaluate(args) -> int:
+    from pipeline.engine.checkpoints import seed_dir
     from pipeline.engine.evaluate import evaluate_run
-    from pipeline.engine.repeats import seed_dir, seed_spec
+    from pipeline.engine.repeats import seed_spec
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
     config = _config(args)

@@ -11,14 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.engine.checkpoints import seed_dir
 from pipeline.specs.experiment import ExperimentSpec
 
-SEED_DIR = "seed-{}"
 FINISHED = ("finished", "early_stopped", "diverged")
-
-
-def seed_dir(run_dir: str | Path, seed: int) -> Path:
-    return Path(run_dir) / SEED_DIR.format(seed)
 
 
 def seed_spec(spec: ExperimentSpec, seed: int, vary_split: bool) -> ExperimentSpec:

@@ -29,18 +29,18 @@ from models.contract import Phase
 from models.layers.init import connection_weights
 from pipeline.data.prepare import Prepared, redraw_split
 from pipeline.engine import distributed, interrupts
+from pipeline.engine.checkpoints import CHECKPOINT, read_checkpoint, trained_weights
 from pipeline.engine.diagnostics import make_monitor
 from pipeline.engine.runfiles import FILES, Cost, Diagnostics, RunMetrics, write_run_file
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.base import Task
 from pipeline.engine.tracking import Tracker
-from pipeline.engine.warmstart import trained_weights, warm_start
+from pipeline.engine.warmstart import warm_start
 from pipeline.io import atomic_torch_save, atomic_write_text
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec, OptimizerSpec, ScheduleSpec
 from pipeline.specs.metrics import Mode, is_better
 
-CHECKPOINT = "checkpoint.pt"
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -610,19 +610,6 @@ def log_model_of(trainer: Trainer, tracker: Tracker, tracking_uri: str) -> None:
     seconds = log_served_model(tracking_uri, tracker.experiment_id, tracker.run_id, model, trainer.spec.task,
                                trainer.data)
     tracker.set_tags({"model_log_s": f"{seconds:.2f}"})
-
-
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A run's checkpoint; a truncated, empty or garbage file is a UserError that says how to go on."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "state"} <= ckpt.keys():
-            raise ValueError("not an archlab checkpoint")
-    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors alike: the file is unusable
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise UserError(path, f"the checkpoint cannot be read ({reason}); `archlab train SPEC --restart` sets it "
-                        "aside (kept, renamed) and trains afresh") from None
-    return ckpt
 
 
 def set_aside_checkpoint(run_dir: str | Path) -> Path | None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from models.contract import Model
+from pipeline.engine.checkpoints import CHECKPOINT, read_checkpoint, seed_dir, trained_weights
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import ExperimentSpec
 
@@ -25,8 +26,6 @@ USABLE = ("finished", "early_stopped")  # a run still training, or diverged, sta
 def init_checkpoint(init_from: Path, seed: int) -> Path:
     """The checkpoint a run of `seed` starts from: init_from/checkpoint.pt (one run's folder), else
     init_from/seed-K/checkpoint.pt (an experiment's folder, K = this run's seed: seed K pairs with seed K)."""
-    from pipeline.engine.repeats import seed_dir
-    from pipeline.engine.train import CHECKPOINT
     for path in (init_from / CHECKPOINT, seed_dir(init_from, seed) / CHECKPOINT):
         if path.is_file():
             return path
@@ -54,14 +53,7 @@ def init_hash(spec: ExperimentSpec) -> str | None:
     run's `init_hash` must equal for it to count as done."""
     if spec.train.init_from is None:
         return None
-    from pipeline.engine.train import read_checkpoint
     return weights_hash(trained_weights(read_checkpoint(init_checkpoint(spec.train.init_from, spec.train.seed))))
-
-
-def trained_weights(ckpt: dict) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights to use: the best epoch's under early stopping, else the last."""
-    state = ckpt["state"]
-    return state["best_weights"] if state.get("best_weights") and state["status"] != "diverged" else ckpt["model"]
 
 
 def _part_name(model: nn.Module, part: nn.Module) -> str:
@@ -91,7 +83,6 @@ def warm_start(model: Model, spec: ExperimentSpec) -> str | None:
 
 def _load_part(model: Model, part: nn.Module, path: Path) -> str:
     """Load the part from the checkpoint at `path` → the hash of the checkpoint's trained weights."""
-    from pipeline.engine.train import read_checkpoint
     ckpt = read_checkpoint(path)  # torch.load(weights_only=True); an unreadable file is a UserError
     status = ckpt["state"].get("status")
     if status not in USABLE:

@@ -22,9 +22,10 @@ from pipeline.data.synthetic import (
     sample_main_clause,
     sample_sentence,
 )
+from pipeline.engine.checkpoints import CHECKPOINT, read_checkpoint
 from pipeline.engine.tasks import make_task
 from pipeline.engine.tasks.mlm import eval_uniforms, mask_tokens, masked_count, masked_cross_entropy
-from pipeline.engine.train import CHECKPOINT, Trainer, read_checkpoint, train_experiment
+from pipeline.engine.train import Trainer, train_experiment
 from pipeline.specs.datasets import CorpusLabelsSource, CorpusSource
 from pipeline.specs.experiment import parse_spec
 from tests.conftest import validate_error

@@ -10,9 +10,10 @@ import torch
 
 from pipeline.cli import main
 from pipeline.data.prepare import redraw_split
+from pipeline.engine.checkpoints import seed_dir
 from pipeline.engine.evaluate import evaluate_run
 from pipeline.engine.examples import metric_from_records, read_records
-from pipeline.engine.repeats import is_done, seed_dir, seed_spec, worker_plan
+from pipeline.engine.repeats import is_done, seed_spec, worker_plan
 from pipeline.engine.train import train_experiment
 from pipeline.specs.config import load_config
 from pipeline.specs.experiment import ExperimentSpec
