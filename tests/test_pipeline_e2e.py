@@ -26,6 +26,12 @@ SWEEP = {"name": "tiny", "candidates": {"mlp": {"spec": "digits_mlp", "space": {
     "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}},
     "objective": {"metric": "val/accuracy", "direction": "maximize"}, "sampler": {"name": "random"},
     "pruner": {"name": "none"}, "budget": {"trials": 2, "epochs": 1}}
+# One tiny claim: the claims stage runs with the rest of the pipeline.
+CLAIM = {"claim": "ReLU beats logistic regression.", "seeds": 2,
+         "base": {"data": {"dataset": "digits"}, "task": "classify", "model": {"kind": "mlp", "hidden": [16]},
+                  "train": {"epochs": 2}},
+         "variants": {"logistic": {"model.hidden": []}, "relu": {}},
+         "expect": [{"rule": "compare", "a": "relu", "b": "logistic", "expect": "better"}]}
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -65,6 +71,8 @@ def clone(tmp_path_factory) -> Path:
     (root / "specs" / "sweeps").mkdir()
     (root / "specs" / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
     params["sweeps"] = ["tiny"]
+    (root / "specs" / "claims").mkdir()
+    (root / "specs" / "claims" / "tiny_claim.yaml").write_text(yaml.safe_dump(CLAIM, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -90,6 +98,17 @@ def test_repro_trains_evaluates_and_compares_every_experiment(clone):
     assert all(name in md for name in EXPERIMENTS)
     summary = __import__("json").loads((clone / "reports" / "sweeps" / "tiny" / "summary.json").read_text())
     assert summary["best"]["trials/complete"] == 2
+
+
+def test_repro_runs_the_claims_and_logs_each_verdict(clone):
+    rows = list(csv.DictReader((clone / "reports" / "claims.csv").open()))
+    assert [r["id"] for r in rows] == ["tiny_claim"] and rows[0]["n_seeds"] == "2"
+    assert rows[0]["verdict"] in ("supported", "not supported", "inconclusive")
+    assert sorted(p.name for p in (clone / "claims" / "tiny_claim").iterdir()) == ["logistic", "relu"]
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("archlab/claims")
+    (claim_run,) = client.search_runs([experiment.experiment_id])
+    assert claim_run.data.tags["verdict"] == rows[0]["verdict"] and claim_run.info.status == "FINISHED"
 
 
 def test_every_run_is_in_the_mlflow_store_with_curves_and_test_metrics(clone):

@@ -127,7 +127,7 @@ def loglog_slope(x: list[float], y: list[float]) -> Slope:
 def trend_outcome(slope: Slope, seeds: int, low: float | None, high: float | None) -> tuple[str, str]:
     """Whether the slope's interval lies inside [low, high]."""
     lo, hi = -math.inf if low is None else low, math.inf if high is None else high
-    bounds = f"[{'' if low is None else f'{low:g}'}, {'' if high is None else f'{high:g}'}]"
+    bounds = f"[{'-∞' if low is None else f'{low:g}'}, {'∞' if high is None else f'{high:g}'}]"
     if seeds < 2:
         return "inconclusive", "single seed: decides nothing"
     if lo <= slope.low and slope.high <= hi:

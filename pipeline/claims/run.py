@@ -71,32 +71,42 @@ def _resolve_warm_start(claim: Claim, spec, runs: Path):
     return spec.model_copy(update={"train": train})
 
 
-def claim_jobs(claim: Claim, config, data_root: Path, runs: Path) -> tuple[list[SeedJob], list[SeedJob], int]:
-    """(seed jobs to run first, jobs that start from another variant's runs, seeds already done) for one claim;
-    its data is prepared first where missing."""
-    first, after, done = [], [], 0
+def claim_jobs(claim: Claim, config, data_root: Path, runs: Path, warm: bool) -> tuple[list[SeedJob], int]:
+    """(seed jobs still to run, seeds already done) for one claim's variants that start from another variant's
+    runs (warm) or for the others; their data is prepared first where missing."""
+    jobs, done = [], 0
     for name, spec in claim.variants.items():
         spec = _resolve_warm_start(claim, spec, runs)
+        if (spec.train.init_from is not None) != warm:
+            continue
         data_dir = data_root / spec.data.dataset
         ensure_prepared(config, spec, data_dir, str(claim.path))
         folder = variant_dir(runs, claim.name, name)
         spec_path = _write_spec(folder, spec_to_yaml(spec, schema_ref="../../../specs/schema.json"))
         todo, finished = seed_jobs(spec, spec_path, claim.seeds, False, data_dir, folder, None, evaluate=True)
-        (after if spec.train.init_from is not None else first).extend(todo)
+        jobs += todo
         done += len(finished)
-    return first, after, done
+    return jobs, done
 
 
 def train_claims(claims: list[Claim], config, data_root: Path, runs: Path, workers: int | None = None) -> int:
-    """Train and evaluate every claim's missing seeds (warm-started variants after the rest); → how many ran."""
-    first, after, done = [], [], 0
-    for claim in claims:
-        todo, later, finished = claim_jobs(claim, config, data_root, runs)
-        first, after, done = first + todo, after + later, done + finished
-    if done:
-        print(f"claims: {done} runs already done for their specs, skipped")
-    for wave in (first, after):
-        if wave:
-            print(f"claims: training {len(wave)} runs")
-            run_seeds(wave, workers)
-    return len(first) + len(after)
+    """Train and evaluate every claim's missing seeds; → how many ran. Variants that start from another
+    variant's runs are planned only once those are trained: whether a seed of theirs is done depends on the
+    weights it starts from (warm starts record their hash)."""
+    for claim in claims:  # every variant checked against its data before anything trains
+        for spec in claim.variants.values():
+            if spec.train.init_from is not None:
+                ensure_prepared(config, spec, data_root / spec.data.dataset, str(claim.path))
+    ran = 0
+    for warm in (False, True):
+        jobs, done = [], 0
+        for claim in claims:
+            todo, finished = claim_jobs(claim, config, data_root, runs, warm)
+            jobs, done = jobs + todo, done + finished
+        if done:
+            print(f"claims: {done} runs already done for their specs, skipped")
+        if jobs:
+            print(f"claims: training {len(jobs)} runs")
+            run_seeds(jobs, workers)
+        ran += len(jobs)
+    return ran

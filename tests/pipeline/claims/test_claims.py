@@ -94,6 +94,21 @@ def test_every_claim_in_specs_loads_on_both_profiles():
 
 
 @pytest.mark.slow
+def test_a_warm_started_variant_trains_again_when_the_run_it_starts_from_does(tmp_path, capsys):
+    folder = tmp_path / "claims"
+    folder.mkdir()
+    source = (REPO / "specs" / "claims" / "17_masked_lm_pretraining.yaml").read_text()
+    (folder / "pretraining.yaml").write_text(source)
+    assert run_claims(tmp_path, "--quick") == 0
+    out = capsys.readouterr().out
+    assert out.count("training 2 runs") == 1 and "training 4 runs" in out  # pretraining + random, then pretrained
+    (folder / "pretraining.yaml").write_text(source.replace("lr: 0.003", "lr: 0.002"))  # only the pretraining's
+    assert run_claims(tmp_path, "--quick") == 0
+    out = capsys.readouterr().out
+    assert out.count("training 2 runs") == 2, out  # the pretraining again, then what starts from it
+
+
+@pytest.mark.slow
 def test_every_claim_runs_end_to_end_on_the_quick_profile_and_gets_a_verdict(tmp_path, capsys):
     folder = REPO / "specs" / "claims"
     code = main(["--params", str(REPO / "params.yaml"), "claims", "--quick", "--claims", str(folder), "--data",
