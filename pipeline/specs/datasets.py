@@ -15,8 +15,10 @@ NormaliseName = Literal["auto", "none", "global", "channel", "feature"]
 class SplitSpec(StrictModel):
     """How the data is split, and how its inputs are standardised with the training split's statistics."""
 
-    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share of the training data held out "
-                                "for validation.")
+    val_fraction: float = Field(default=0.15, ge=0.0, lt=0.5, description="Share of the training data held out "
+                                "for validation. 0: no validation split, every non-test example trains; the best "
+                                "epoch is then the last, and early stopping or a monitor on val/ metrics, a sweep "
+                                "and `vary: split` are refused (they need validation data).")
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share held out for testing, when the "
                                  "source has no test split of its own.")
     seed: int = Field(default=0, ge=0, description="Seed of the split.")
