@@ -153,8 +153,10 @@ def _seed_line(name: str, seed: int, run_dir: Path) -> str:
     final = metrics.final.get(f"val/{metric}")
     test = read_run_file(folder, Evaluation).test if path_of(folder, Evaluation).is_file() else {}
     shown = f", test/{metric}={round(test[metric], 4)}" if isinstance(test.get(metric), float) else ""
-    return (f"{name} seed {seed}: {metrics.status} after {metrics.epochs} epochs, val/{metric}="
-            f"{final if final is None else round(final, 4)}{shown}, {metrics.train_time_s:.1f}s → {folder}")
+    validated = any(key.startswith("val/") for key in metrics.final) or not metrics.final
+    val = f"val/{metric}={final if final is None else round(final, 4)}" if validated else "no validation split"
+    return (f"{name} seed {seed}: {metrics.status} after {metrics.epochs} epochs, {val}{shown}, "
+            f"{metrics.train_time_s:.1f}s → {folder}")
 
 
 def cmd_evaluate(args) -> int:

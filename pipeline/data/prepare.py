@@ -328,7 +328,7 @@ def split_and_normalise(raw: RawData, split: SplitSpec) -> tuple[dict[str, np.nd
         x, y = raw.x[rest], raw.y[rest]
     else:
         x, y, x_test, y_test = raw.x, raw.y, raw.x_test, raw.y_test
-    if split.val_fraction > 0:
+    if split.validates:
         train, val = _split(len(x), y, split.val_fraction, split.seed, stratify)
     else:  # no validation split: every non-test example trains, and val_x, val_y hold none (shape (0, ...))
         train, val = np.arange(len(x)), np.arange(0)
@@ -500,6 +500,9 @@ def has_validation(meta: DataMeta) -> bool:
     return (meta.sizes or {}).get("val", 1) > 0
 
 
+SPLIT_TITLES = {"train": "training", "val": "validation", "test": "test"}  # split key → its name in a caption
+
+
 def shown_split(data: Prepared) -> str:
     """The split whose examples a run shows or times each epoch (sample grids, prompts, latency): validation,
     or training where there is no validation split."""
@@ -509,7 +512,7 @@ def shown_split(data: Prepared) -> str:
 def redraw_split(data: Prepared, seed: int) -> Prepared:
     """Train and validation pooled and split again with `seed`, at the same sizes (stratified by class where
     the prepared split was); the test split is left alone. Normalisation keeps the prepared split's statistics.
-    Data without a validation split has nothing to re-draw: the engine refuses a split seed for it first."""
+    Data without a validation split has nothing to re-draw (the engine refuses a split seed for it first)."""
     t = data.tensors
     x, y = torch.cat([t["train_x"], t["val_x"]]), torch.cat([t["train_y"], t["val_y"]])
     labels = y.numpy() if data.meta.target == "class" else np.zeros(len(y), dtype=np.int64)

@@ -29,6 +29,11 @@ class SplitSpec(StrictModel):
                                      "auto (the default): feature for tables and (L,) signals, channel for (C, L) "
                                      "signals and images.")
 
+    @property
+    def validates(self) -> bool:
+        """Whether a validation split is held out (val_fraction 0 holds none)."""
+        return self.val_fraction > 0
+
 
 class DigitsSource(StrictModel):
     source: Literal["digits"] = Field(description="scikit-learn's 8x8 handwritten digits, 10 classes.")
