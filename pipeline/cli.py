@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.engine.checks import check_buildable, dataset_meta, ensure_prepared
+from pipeline.engine.checks import check_buildable, check_vary, dataset_meta, ensure_prepared
 from pipeline.engine.tracking import check_store
 from pipeline.specs.errors import UserError, refuse_unless_ours
 
@@ -116,6 +116,7 @@ def cmd_train(args) -> int:
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
     seeds = _seeds(args, config, spec)  # before preparing data: a mistake writes nothing
+    check_vary(config, spec, args.params)
     data_parallel = args.nproc > 1 or launched_by_torchrun()
     if data_parallel and len(seeds) != 1:
         raise UserError(None, f"data-parallel training trains one seed at a time, and {spec.name} has seeds "
@@ -220,7 +221,7 @@ def cmd_sweep(args) -> int:
     from pipeline.specs.sweep import load_sweep
     from pipeline.sweeps.report import REPORT_KIND
     from pipeline.sweeps.storage import default_storage_url
-    from pipeline.sweeps.study import run_sweep
+    from pipeline.sweeps.study import require_validation, run_sweep
     config = _config(args)
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     if args.workers < 1:
@@ -231,7 +232,8 @@ def cmd_sweep(args) -> int:
     check_store(uri)
     first = next(iter(sweep.bases))
     data_dir = _data_dir(args, config, sweep.dataset)
-    ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
+    ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]),
+                    check=lambda meta: require_validation(sweep, meta))
     if args.write_inputs:
         from pipeline.data.prepare import load_prepared
         from pipeline.io import atomic_write_json

@@ -513,6 +513,9 @@ def redraw_split(data: Prepared, seed: int) -> Prepared:
     """Train and validation pooled and split again with `seed`, at the same sizes (stratified by class where
     the prepared split was); the test split is left alone. Normalisation keeps the prepared split's statistics.
     Data without a validation split has nothing to re-draw (the engine refuses a split seed for it first)."""
+    if not has_validation(data.meta):
+        raise UserError(data.meta.prepared_dir or data.meta.name, "has no validation split to re-draw (its "
+                        "split.val_fraction is 0)", field="data.split_seed")
     t = data.tensors
     x, y = torch.cat([t["train_x"], t["val_x"]]), torch.cat([t["train_y"], t["val_y"]])
     labels = y.numpy() if data.meta.target == "class" else np.zeros(len(y), dtype=np.int64)

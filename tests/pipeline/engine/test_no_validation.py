@@ -9,12 +9,14 @@ import math
 import pytest
 import yaml
 
+from pipeline.cli import main
 from pipeline.data.prepare import build_arrays
 from pipeline.engine.evaluate import evaluate_run
 from pipeline.engine.train import Trainer, train_experiment
 from pipeline.reports.compare import compare
 from pipeline.specs.datasets import BUILTIN_DATASETS, SplitSpec
 from pipeline.specs.experiment import ExperimentSpec
+from tests.conftest import files_under
 
 NO_VAL = BUILTIN_DATASETS["digits"].model_copy(update={"split": SplitSpec(val_fraction=0)})
 SPEC = {"name": "all_train", "data": {"dataset": "digits_all"}, "task": "classify",
@@ -67,6 +69,72 @@ def test_early_stopping_on_a_training_metric_still_works_without_validation(no_v
                                               "min_delta": 10.0})
     metrics = Trainer(spec, no_val_data, tmp_path, progress=False).run()
     assert metrics["status"] == "early_stopped" and metrics["epochs"] == 2
+
+
+# ── what needs validation data is refused: exit 2, the field named, nothing written ──────────────────
+@pytest.fixture
+def no_val_project(project):
+    """The repo's project with dataset `digits_all` declared without a validation split."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["datasets"]["digits_all"] = {"source": "digits", "split": {"val_fraction": 0}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+def refused(args: list[str], field: str, capsys, project) -> str:
+    before = files_under(project)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and field in err and "val_fraction is 0" in err, err
+    assert files_under(project) == before  # no prepared data, no run, no study, no report
+    return err
+
+
+@pytest.mark.parametrize("train, field", [
+    ({"early_stopping": {"patience": 2}}, "train.early_stopping.monitor"),  # its default monitor is val/loss
+    ({"early_stopping": {"monitor": "val/accuracy", "mode": "max"}}, "train.early_stopping.monitor"),
+])
+def test_early_stopping_on_validation_is_refused(no_val_project, capsys, train, field):
+    (no_val_project / "t.yaml").write_text(yaml.safe_dump({**SPEC, "train": {**SPEC["train"], **train}}))
+    refused(["train", "t.yaml", "--no-track"], field, capsys, no_val_project)
+    refused(["validate", "t.yaml"], field, capsys, no_val_project)
+
+
+def test_a_split_seed_is_refused(no_val_project, capsys):
+    (no_val_project / "t.yaml").write_text(yaml.safe_dump({**SPEC, "data": {"dataset": "digits_all",
+                                                                            "split_seed": 1}}))
+    refused(["train", "t.yaml", "--no-track"], "data.split_seed", capsys, no_val_project)
+
+
+def test_a_trainer_given_a_split_seed_directly_stops_with_the_field_named(no_val_data, tmp_path):
+    from pipeline.specs.errors import UserError
+    spec = ExperimentSpec.model_validate({**SPEC, "data": {"dataset": "digits_all", "split_seed": 1}})
+    with pytest.raises(UserError) as err:
+        Trainer(spec, no_val_data, tmp_path / "run", progress=False)
+    assert err.value.field == "data.split_seed" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("entry_vary", [True, False])
+def test_vary_split_is_refused(no_val_project, capsys, entry_vary):
+    params = yaml.safe_load((no_val_project / "params.yaml").read_text())
+    if entry_vary:
+        params["experiments"]["all_train"] = {"dataset": "digits_all", "vary": "split"}
+    else:
+        params["vary"] = "split"
+    (no_val_project / "params.yaml").write_text(yaml.safe_dump(params))
+    (no_val_project / "specs" / "all_train.yaml").write_text(yaml.safe_dump(SPEC))
+    field = "experiments.all_train.vary" if entry_vary else "params.yaml: vary"
+    refused(["train", "specs/all_train.yaml", "--no-track"], field, capsys, no_val_project)
+
+
+def test_a_sweep_is_refused(no_val_project, capsys):
+    (no_val_project / "specs" / "all_train.yaml").write_text(yaml.safe_dump(SPEC))
+    sweep = {"name": "no_val_sweep", "candidates": {"mlp": {"spec": "all_train", "space": {
+                 "train.optimizer.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}}},
+             "objective": {"metric": "val/accuracy", "direction": "maximize"},
+             "sampler": {"name": "random"}, "pruner": {"name": "none"}, "budget": {"trials": 2, "epochs": 1}}
+    (no_val_project / "specs" / "sweeps" / "no_val_sweep.yaml").write_text(yaml.safe_dump(sweep))
+    refused(["sweep", "specs/sweeps/no_val_sweep.yaml", "--no-track"], "objective.metric", capsys, no_val_project)
 
 
 # ── tasks that show examples each epoch take training ones ──────────────────────────────────────────
