@@ -17,8 +17,9 @@ class SplitSpec(StrictModel):
 
     val_fraction: float = Field(default=0.15, ge=0.0, lt=0.5, description="Share of the training data held out "
                                 "for validation. 0: no validation split, every non-test example trains; the best "
-                                "epoch is then the last, and early stopping or a monitor on val/ metrics, a sweep "
-                                "and `vary: split` are refused (they need validation data).")
+                                "epoch is then the last, and what needs validation data is refused: early "
+                                "stopping on a val/ metric, data.split_seed, `vary: split`, a sweep, a claim "
+                                "measured by epochs_to.")
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share held out for testing, when the "
                                  "source has no test split of its own.")
     seed: int = Field(default=0, ge=0, description="Seed of the split.")

@@ -172,3 +172,15 @@ def test_a_language_model_samples_from_a_training_prompt(tmp_path):
     metrics = Trainer(spec, data, tmp_path / "run", progress=False).run()
     assert metrics["best"] == metrics["final"] and "train/bits_per_char" in metrics["final"]
     assert (tmp_path / "run" / "samples.txt").read_text().startswith("=== epoch 1 ===")
+
+
+def test_a_claim_measured_on_the_validation_metric_is_refused(no_val_project, capsys):
+    claim = {"claim": "ReLU learns faster.", "seeds": 1,
+             "base": {"data": {"dataset": "digits_all"}, "task": "classify", "model": {"kind": "mlp", "hidden": [16]},
+                      "train": {"epochs": 1}},
+             "variants": {"relu": {}, "tanh": {"model.activation": "tanh"}},
+             "expect": [{"rule": "compare", "a": "relu", "b": "tanh", "expect": "better", "measure": "epochs_to:0.9"}]}
+    (no_val_project / "claims").mkdir()
+    (no_val_project / "claims" / "faster.yaml").write_text(yaml.safe_dump(claim))
+    refused(["claims", "--claims", "claims", "--data", "cdata", "--runs", "cruns", "--out", "creports", "--no-track"],
+            "expect[0].measure", capsys, no_val_project)
