@@ -184,3 +184,23 @@ def test_a_claim_measured_on_the_validation_metric_is_refused(no_val_project, ca
     (no_val_project / "claims" / "faster.yaml").write_text(yaml.safe_dump(claim))
     refused(["claims", "--claims", "claims", "--data", "cdata", "--runs", "cruns", "--out", "creports", "--no-track"],
             "expect[0].measure", capsys, no_val_project)
+
+
+def test_a_tracked_run_without_validation_logs_training_metrics_only(no_val_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    metrics = train_experiment(spec_of(epochs=1), tmp_path / "spec.yaml", no_val_data, tmp_path / "run", store,
+                               progress=False)
+    run = MlflowClient(store).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["diagnostics/verdict"] == "n/a"
+    assert "train/accuracy" in run.data.metrics and not any(k.startswith("val/") for k in run.data.metrics)
+
+
+def test_archlab_train_prepares_the_data_without_validation_and_says_so(no_val_project, capsys):
+    (no_val_project / "specs" / "all_train.yaml").write_text(yaml.safe_dump(SPEC))
+    assert main(["train", "specs/all_train.yaml", "--no-track", "--evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "all_train seed 0: finished after 3 epochs, no validation split, test/accuracy=" in out, out
+    meta = json.loads((no_val_project / "data/prepared/digits_all/meta.json").read_text())
+    assert meta["sizes"]["val"] == 0 and meta["spec"]["split"]["val_fraction"] == 0
