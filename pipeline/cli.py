@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.engine.checks import check_buildable, dataset_meta, ensure_prepared
+from pipeline.engine.checks import check_buildable, check_vary, dataset_meta, ensure_prepared
 from pipeline.engine.tracking import check_store
 from pipeline.specs.errors import UserError, refuse_unless_ours
 
@@ -116,6 +116,7 @@ def cmd_train(args) -> int:
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
     seeds = _seeds(args, config, spec)  # before preparing data: a mistake writes nothing
+    check_vary(config, spec, args.params)
     data_parallel = args.nproc > 1 or launched_by_torchrun()
     if data_parallel and len(seeds) != 1:
         raise UserError(None, f"data-parallel training trains one seed at a time, and {spec.name} has seeds "
@@ -153,8 +154,10 @@ def _seed_line(name: str, seed: int, run_dir: Path) -> str:
     final = metrics.final.get(f"val/{metric}")
     test = read_run_file(folder, Evaluation).test if path_of(folder, Evaluation).is_file() else {}
     shown = f", test/{metric}={round(test[metric], 4)}" if isinstance(test.get(metric), float) else ""
-    return (f"{name} seed {seed}: {metrics.status} after {metrics.epochs} epochs, val/{metric}="
-            f"{final if final is None else round(final, 4)}{shown}, {metrics.train_time_s:.1f}s → {folder}")
+    validated = any(key.startswith("val/") for key in metrics.final) or not metrics.final
+    val = f"val/{metric}={final if final is None else round(final, 4)}" if validated else "no validation split"
+    return (f"{name} seed {seed}: {metrics.status} after {metrics.epochs} epochs, {val}{shown}, "
+            f"{metrics.train_time_s:.1f}s → {folder}")
 
 
 def cmd_evaluate(args) -> int:
@@ -219,7 +222,7 @@ def cmd_sweep(args) -> int:
     from pipeline.specs.sweep import load_sweep
     from pipeline.sweeps.report import REPORT_KIND
     from pipeline.sweeps.storage import default_storage_url
-    from pipeline.sweeps.study import run_sweep
+    from pipeline.sweeps.study import require_validation, run_sweep
     config = _config(args)
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     if args.workers < 1:
@@ -230,7 +233,8 @@ def cmd_sweep(args) -> int:
     check_store(uri)
     first = next(iter(sweep.bases))
     data_dir = _data_dir(args, config, sweep.dataset)
-    ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]))
+    ensure_prepared(config, sweep.bases[first], data_dir, str(sweep.base_paths[first]),
+                    check=lambda meta: require_validation(sweep, meta))
     if args.write_inputs:
         from pipeline.data.prepare import load_prepared
         from pipeline.io import atomic_write_json

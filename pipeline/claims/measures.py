@@ -22,6 +22,7 @@ class Measure:
     meaning: str
     read: Callable[[Path], float | None]
     label: str = ""  # how reports name it, when not by its name
+    validation: bool = False  # read from the validation metric: the data must hold a validation split
 
     def __post_init__(self):
         if not self.label:
@@ -166,7 +167,7 @@ def measure(name: str, task_metric: str | None = None) -> Measure:
     if name.startswith("epochs_to:"):
         target = float(name.removeprefix("epochs_to:"))
         return Measure(name, "min", False, f"epochs until the validation metric reaches {target:g}",
-                       lambda folder: _epochs_to(folder, target))
+                       lambda folder: _epochs_to(folder, target), validation=True)
     raise KeyError(name)
 
 

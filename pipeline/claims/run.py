@@ -7,9 +7,11 @@ All claims share one pool: many small runs keep both cores busy, and each worker
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.claims.measures import known_measure
+from pipeline.claims.measures import known_measure, measure
 from pipeline.engine.checks import ensure_prepared
 from pipeline.engine.repeats import SeedJob, run_seeds, seed_jobs
 from pipeline.io import atomic_write_text
@@ -17,13 +19,21 @@ from pipeline.specs.claim import Claim, CompareExpectation, claim_paths, load_cl
 from pipeline.specs.errors import UserError
 from pipeline.specs.experiment import spec_to_yaml
 
+if TYPE_CHECKING:
+    from pipeline.data.prepare import DataMeta
+
 SPEC_FILE = "spec.yaml"
+
+
+def named_measures(claim: Claim) -> list[tuple[str, str]]:
+    """(field, measure) of every measure the claim names: its expectations', then those it shows."""
+    named = [(f"expect[{i}].measure", e.measure) for i, e in enumerate(claim.spec.expect)]
+    return [*named, *((f"show[{i}]", m) for i, m in enumerate(claim.spec.show))]
 
 
 def check_measures(claim: Claim) -> None:
     """Every measure a claim names is one the claims know; else a UserError naming the claim's field."""
-    named = [(f"expect[{i}].measure", e.measure) for i, e in enumerate(claim.spec.expect)]
-    for where, name in [*named, *((f"show[{i}]", m) for i, m in enumerate(claim.spec.show))]:
+    for where, name in named_measures(claim):
         problem = known_measure(name)
         if problem:
             raise UserError(claim.path, problem, field=where)
@@ -47,6 +57,20 @@ def load_claims(folder: str | Path, quick: bool = False, only: list[str] | None 
     for claim in claims:
         check_measures(claim)
     return claims
+
+
+def validation_check(claim: Claim) -> Callable[[DataMeta], None]:
+    """The check of a variant's data: a claim measured on the validation metric (epochs_to:VALUE) needs data
+    with a validation split; refused before the data is prepared or anything trains."""
+    from pipeline.data.prepare import has_validation
+    needing = [(where, name) for where, name in named_measures(claim) if measure(name).validation]
+
+    def check(meta: DataMeta) -> None:
+        if needing and not has_validation(meta):
+            where, name = needing[0]
+            raise UserError(claim.path, f"{name} is read from the validation metric, but dataset {meta.name!r} "
+                            "has no validation split (its split.val_fraction is 0)", field=where)
+    return check
 
 
 def variant_dir(runs: Path, claim: str, variant: str) -> Path:
@@ -80,7 +104,7 @@ def claim_jobs(claim: Claim, config, data_root: Path, runs: Path, warm: bool) ->
         if (spec.train.init_from is not None) != warm:
             continue
         data_dir = data_root / spec.data.dataset
-        ensure_prepared(config, spec, data_dir, str(claim.path))
+        ensure_prepared(config, spec, data_dir, str(claim.path), check=validation_check(claim))
         folder = variant_dir(runs, claim.name, name)
         spec_path = _write_spec(folder, spec_to_yaml(spec, schema_ref="../../../specs/schema.json"))
         todo, finished = seed_jobs(spec, spec_path, claim.seeds, False, data_dir, folder, None, evaluate=True)

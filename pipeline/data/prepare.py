@@ -328,7 +328,10 @@ def split_and_normalise(raw: RawData, split: SplitSpec) -> tuple[dict[str, np.nd
         x, y = raw.x[rest], raw.y[rest]
     else:
         x, y, x_test, y_test = raw.x, raw.y, raw.x_test, raw.y_test
-    train, val = _split(len(x), y, split.val_fraction, split.seed, stratify)
+    if split.validates:
+        train, val = _split(len(x), y, split.val_fraction, split.seed, stratify)
+    else:  # no validation split: every non-test example trains, and val_x, val_y hold none (shape (0, ...))
+        train, val = np.arange(len(x)), np.arange(0)
     arrays = {"train_x": x[train], "train_y": y[train], "val_x": x[val], "val_y": y[val],
               "test_x": x_test, "test_y": y_test}
     stats: dict = {}
@@ -491,9 +494,28 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def has_validation(meta: DataMeta) -> bool:
+    """Whether the data holds a validation split: a dataset declared with `split: {val_fraction: 0}` holds none
+    (a folder prepared before sizes were recorded always had one)."""
+    return (meta.sizes or {}).get("val", 1) > 0
+
+
+SPLIT_TITLES = {"train": "training", "val": "validation", "test": "test"}  # split key → its name in a caption
+
+
+def shown_split(data: Prepared) -> str:
+    """The split whose examples a run shows or times each epoch (sample grids, prompts, latency): validation,
+    or training where there is no validation split."""
+    return "val" if has_validation(data.meta) else "train"
+
+
 def redraw_split(data: Prepared, seed: int) -> Prepared:
     """Train and validation pooled and split again with `seed`, at the same sizes (stratified by class where
-    the prepared split was); the test split is left alone. Normalisation keeps the prepared split's statistics."""
+    the prepared split was); the test split is left alone. Normalisation keeps the prepared split's statistics.
+    Data without a validation split has nothing to re-draw (the engine refuses a split seed for it first)."""
+    if not has_validation(data.meta):
+        raise UserError(data.meta.prepared_dir or data.meta.name, "has no validation split to re-draw (its "
+                        "split.val_fraction is 0)", field="data.split_seed")
     t = data.tensors
     x, y = torch.cat([t["train_x"], t["val_x"]]), torch.cat([t["train_y"], t["val_y"]])
     labels = y.numpy() if data.meta.target == "class" else np.zeros(len(y), dtype=np.int64)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,12 +13,13 @@ if TYPE_CHECKING:
     from pipeline.data.prepare import DataMeta
 
 
-def ensure_prepared(config, spec, folder: Path, spec_path: str):
+def ensure_prepared(config, spec, folder: Path, spec_path: str, check: Callable[[DataMeta], None] | None = None):
     """Load the spec's prepared dataset, preparing it first on a fresh checkout or when params.yaml now
     describes the dataset differently (stale data is never used silently).
 
-    The model is checked against the data's shape before anything is written, so an impossible
-    architecture leaves no prepared folder behind. Only a folder archlab made is ever replaced.
+    The model is checked against the data's shape (and `check`, the caller's own, against its meta) before
+    anything is written, so an impossible architecture leaves no prepared folder behind. Only a folder
+    archlab made is ever replaced.
     """
     from pipeline.data.prepare import build_arrays, load_prepared, write_prepared
     from pipeline.specs.config import dataset_spec
@@ -25,9 +27,13 @@ def ensure_prepared(config, spec, folder: Path, spec_path: str):
     if _current_meta(config, folder, dataset, spec_path) is not None:
         data = load_prepared(folder)
         check_buildable(spec, data.meta, spec_path)
+        if check is not None:
+            check(data.meta)
         return data
     arrays, meta = build_arrays(dataset, dataset_spec(config, dataset, spec_path))
     check_buildable(spec, meta, spec_path)
+    if check is not None:
+        check(meta)
     print(f"preparing dataset {dataset!r} into {folder}", file=sys.stderr)
     write_prepared(arrays, meta, folder)
     return load_prepared(folder)
@@ -58,6 +64,21 @@ def _current_meta(config, folder: Path, dataset: str, spec_path: str) -> DataMet
     return None
 
 
+def check_vary(config, spec, source) -> None:
+    """`vary: split` re-draws each seed's train/validation split: refused, before anything is written, for a
+    dataset declared without a validation split."""
+    from pipeline.specs.config import dataset_spec, knows_dataset
+    dataset = spec.data.dataset
+    if config.vary_of(spec.name) != "split" or not knows_dataset(config, dataset):
+        return  # an unknown dataset is named by ensure_prepared
+    if dataset_spec(config, dataset, source).split.validates:
+        return
+    entry = config.experiments.get(spec.name)
+    raise UserError(source, f"is split for {spec.name}, but dataset {dataset!r} has no validation split to re-draw "
+                    "(its split.val_fraction is 0); use vary: init",
+                    field=f"experiments.{spec.name}.vary" if entry and entry.vary else "vary")
+
+
 def dataset_meta(config, dataset: str, folder: Path, spec_path: str) -> DataMeta:
     """The data's meta.json, from a prepared folder of the same dataset spec or, failing that, built in
     memory (nothing written)."""
@@ -85,6 +106,7 @@ def check_buildable(spec, meta: DataMeta, source):
     if reason is not None:
         raise UserError(source, reason, field="task")
     _check_shifts(spec, meta, source)
+    _check_needs_validation(spec, meta, source)
     if spec.train.device == "cuda" and not torch.cuda.is_available():
         raise UserError(source, "is 'cuda' but this machine has no CUDA device; use auto or cpu", field="train.device")
     shape = shape_from_meta(meta)
@@ -123,6 +145,21 @@ def _check_shifts(spec, meta: DataMeta, source) -> None:
     if max(shifts) >= length:
         raise UserError(source, f"a shift of {max(shifts)} moves every value out of inputs whose last axis has "
                         f"{length} positions; use shifts below {length}", field="evaluate.shifts")
+
+
+def _check_needs_validation(spec, meta: DataMeta, source) -> None:
+    """Data without a validation split (split.val_fraction 0) has no val/ metrics to stop on and no split to
+    re-draw: a spec that needs one is refused before anything is written."""
+    from pipeline.data.prepare import has_validation
+    if has_validation(meta):
+        return
+    why = f"dataset {meta.name!r} has no validation split (its split.val_fraction is 0)"
+    es = spec.train.early_stopping
+    if es is not None and not es.monitor.startswith("train/"):
+        raise UserError(source, f"early stopping watches {es.monitor!r}, but {why}; watch a train/ metric, or "
+                        "give the dataset a validation split", field="train.early_stopping.monitor")
+    if spec.data.split_seed is not None:
+        raise UserError(source, f"re-draws the train/validation split, but {why}", field="data.split_seed")
 
 
 def _check_transferable(spec, model, source) -> None:

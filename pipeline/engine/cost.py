@@ -217,9 +217,9 @@ def measure_cost(trainer, metrics: dict) -> dict:
     attempt(("flops_forward_per_sample", "flops_by_kind"), lambda: forward_flop_split(model, forward, train_x, train_y))
     attempt(("flops_train_step_per_sample",),
             lambda: {"flops_train_step_per_sample": train_step_flops(model, trainer.task, train_x, train_y)})
-    val_x, val_y = trainer.val_x[:256], trainer.val_y[:256]
+    timed_x, timed_y = (t[:256] for t in trainer.held_out())
     attempt(("infer_samples_per_s", "latency_ms_p50", "latency_ms_p95"),
-            lambda: inference_speed(model, forward, val_x, val_y, device))
+            lambda: inference_speed(model, forward, timed_x, timed_y, device))
     attempt(("peak_memory_mb", "memory_kind"), lambda: dict(zip(("peak_memory_mb", "memory_kind"),
                                                                 peak_memory(device))))
     attempt(("peak_flops", "device_name"), lambda: {"peak_flops": peak_flops(device),

@@ -218,7 +218,7 @@ def _train_and_cache(meta: DataMeta, folder: Path, weights_path: Path, report_pa
     model = train_feature_classifier(t["train_x"], t["train_y"], meta.num_classes)
     report = {"dataset": meta.name, "content_hash": meta.content_hash, "features": FEATURES,
               "train_seconds": round(time.perf_counter() - start, 2),
-              "val_accuracy": round(_accuracy(model, t["val_x"], t["val_y"]), 4),
+              "val_accuracy": round(_accuracy(model, t["val_x"], t["val_y"]), 4) if len(t["val_y"]) else None,
               "test_accuracy": round(_accuracy(model, t["test_x"], t["test_y"]), 4),
               "weights": weights_path.name}
     atomic_torch_save(weights_path, model.state_dict())

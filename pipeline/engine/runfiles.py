@@ -39,7 +39,8 @@ class RunMetrics(BaseModel):
     main_metric: str = Field(description="The task's main metric (without the split prefix).")
     epochs: int = Field(description="Epochs completed.")
     steps: int = Field(description="Optimisation steps completed.")
-    best_epoch: int | None = Field(description="The epoch with the best monitored value (1-based); null if none.")
+    best_epoch: int | None = Field(description="The epoch with the best monitored value (1-based); "
+                                     "the last one where the data has no validation split; null if none.")
     final: EpochMetrics = Field(description="The last epoch's train/ and val/ metrics.")
     best: EpochMetrics = Field(description="The best epoch's train/ and val/ metrics.")
     train_time_s: float = Field(description="Seconds spent in training epochs (validation excluded).")

@@ -27,7 +27,7 @@ from torch import nn
 from models import build_model
 from models.contract import Phase
 from models.layers.init import connection_weights
-from pipeline.data.prepare import Prepared, redraw_split
+from pipeline.data.prepare import Prepared, has_validation, redraw_split
 from pipeline.engine import distributed, interrupts
 from pipeline.engine.checkpoints import CHECKPOINT, read_checkpoint, trained_weights
 from pipeline.engine.diagnostics import make_monitor
@@ -204,6 +204,7 @@ class Trainer:
         if spec.data.train_subset:
             self.train_x, self.train_y = self.train_x[:spec.data.train_subset], self.train_y[:spec.data.train_subset]
         self.val_x, self.val_y = self._split("val")
+        self.validates = has_validation(data.meta)  # False: the dataset's split.val_fraction is 0
         self.batch_size = min(spec.train.batch_size, len(self.train_x))
         self.steps_per_epoch = math.ceil(len(self.train_x) / self.batch_size)
         budget = spec.train.epochs * self.steps_per_epoch
@@ -219,6 +220,11 @@ class Trainer:
     def _split(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.data.tensors
         return t[f"{part}_x"].to(self.device), t[f"{part}_y"].to(self.device)
+
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples a check or a timing runs on: the validation split, or the training split where the data
+        has no validation split."""
+        return (self.val_x, self.val_y) if self.validates else (self.train_x, self.train_y)
 
     # checkpointing ---------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -398,7 +404,10 @@ class Trainer:
         mode = es.mode if es else self.task.mode
         diverged = not all(math.isfinite(v) for k, v in row.items() if k.endswith("loss"))
         value = row.get(monitor_key, float("nan"))
-        if math.isfinite(value) and _improved(value, self.state.best_value, mode, es.min_delta if es else 0.0):
+        if not self.validates and es is None:  # nothing to choose an epoch by: the best is the last one trained
+            if not diverged:
+                self.state.best_epoch = self.state.epoch
+        elif math.isfinite(value) and _improved(value, self.state.best_value, mode, es.min_delta if es else 0.0):
             self.state.best_value, self.state.best_epoch, self.state.bad_epochs = value, self.state.epoch, 0
             if es:
                 self.state.best_weights = _cpu_state(self.model)
@@ -413,6 +422,9 @@ class Trainer:
         return done
 
     def validate(self) -> dict[str, float]:
+        """The validation split's metrics; none (no val/ columns) for data without a validation split."""
+        if not self.validates:
+            return {}
         part = self.ranks.part(self.val_x, self.val_y)
         if part is None:  # a split too small to share: every rank evaluates all of it
             return evaluate_split(self.model, self.task, self.val_x, self.val_y)
@@ -501,12 +513,15 @@ def run_lock(run_dir: Path):
 
 def check_monitor(spec: ExperimentSpec, trainer: Trainer, source: str | Path) -> None:
     """Early stopping must watch a metric the history will hold: a name that never appears would stop
-    training after one epoch. Checked on two validation samples before anything is written."""
+    training after one epoch. Checked on two validation samples (training ones where there is no validation
+    split, and then only train/ names) before anything is written."""
     es = spec.train.early_stopping
     if es is None:
         return
-    names = list(evaluate_split(trainer.model, trainer.task, trainer.val_x[:2], trainer.val_y[:2]))
-    known = [f"{part}/{name}" for part in ("val", "train") for name in names]
+    x, y = trainer.held_out()
+    names = list(evaluate_split(trainer.model, trainer.task, x[:2], y[:2]))
+    parts = ("val", "train") if trainer.validates else ("train",)
+    known = [f"{part}/{name}" for part in parts for name in names]
     if es.monitor not in known:
         raise UserError(source, f"{es.monitor!r} is not a metric of task {spec.task}; it reports: "
                         f"{', '.join(known)}", field="train.early_stopping.monitor")

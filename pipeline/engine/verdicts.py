@@ -176,6 +176,8 @@ def overfitting(history: list[dict], spec, main_metric: str | None, best_epoch: 
     result = {"best_epoch": None, "onset_epoch": None, "gap_best": gap(None), "gap_final": gap(None),
               "verdict": "diverged" if diverged else "n/a", "metric": metric, "min_val_loss_epoch": None,
               "val_loss_rise": None, "rule": "no epoch with finite train/loss and val/loss"}
+    if history and not any(key.startswith("val/") for row in history for key in row):
+        result["rule"] = "no validation split (the dataset's split.val_fraction is 0): overfitting is not judged"
     if not finite:
         return clean_json(result)
     m = min(finite, key=lambda i: val[i])

@@ -15,8 +15,11 @@ NormaliseName = Literal["auto", "none", "global", "channel", "feature"]
 class SplitSpec(StrictModel):
     """How the data is split, and how its inputs are standardised with the training split's statistics."""
 
-    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share of the training data held out "
-                                "for validation.")
+    val_fraction: float = Field(default=0.15, ge=0.0, lt=0.5, description="Share of the training data held out "
+                                "for validation. 0: no validation split, every non-test example trains; the best "
+                                "epoch is then the last, and what needs validation data is refused: early "
+                                "stopping on a val/ metric, data.split_seed, `vary: split`, a sweep, a claim "
+                                "measured by epochs_to.")
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share held out for testing, when the "
                                  "source has no test split of its own.")
     seed: int = Field(default=0, ge=0, description="Seed of the split.")
@@ -26,6 +29,11 @@ class SplitSpec(StrictModel):
                                      "channel); feature (one per input element: every feature, position or pixel). "
                                      "auto (the default): feature for tables and (L,) signals, channel for (C, L) "
                                      "signals and images.")
+
+    @property
+    def validates(self) -> bool:
+        """Whether a validation split is held out (val_fraction 0 holds none)."""
+        return self.val_fraction > 0
 
 
 class DigitsSource(StrictModel):

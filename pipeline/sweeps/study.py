@@ -45,11 +45,22 @@ class SweepResult:
     dead_workers: list[str] = field(default_factory=list)  # one line each
 
 
+def require_validation(sweep: Sweep, meta: DataMeta) -> None:
+    """A sweep ranks its trials by a validation metric: data without a validation split is refused."""
+    from pipeline.data.prepare import has_validation
+    if not has_validation(meta):
+        raise UserError(sweep.path, f"the sweep ranks trials by {sweep.spec.objective.metric}, a validation "
+                        f"metric, but dataset {meta.name!r} has no validation split (its split.val_fraction is 0)",
+                        field="objective.metric")
+
+
 def preflight(sweep: Sweep, data) -> None:
-    """Before any trial: each candidate builds on the data, and reports the objective's metric."""
+    """Before any trial: the data has a validation split, each candidate builds on it, and reports the
+    objective's metric."""
     from pipeline.engine.checks import check_buildable
     from pipeline.engine.tasks import make_task
     from pipeline.engine.train import evaluate_split
+    require_validation(sweep, data.meta)
     metric = sweep.spec.objective.metric
     for key, base in sweep.bases.items():
         model, _ = check_buildable(base, data.meta, sweep.base_paths[key])

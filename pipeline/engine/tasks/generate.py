@@ -68,16 +68,19 @@ class GenerateTask(TaskDefaults):
         return out
 
     def end_epoch(self, model: Model, epoch: int, run_dir, data) -> dict[str, float]:
-        """samples/epoch_NNN.png: samples from the same fixed z every epoch, under a row of real ones."""
+        """samples/epoch_NNN.png: samples from the same fixed z every epoch, under a row of real ones (validation
+        examples, or training ones where there is no validation split)."""
+        from pipeline.data.prepare import SPLIT_TITLES, shown_split
         device = next(model.parameters()).device
         t = data.tensors
         was_training = model.training
         model.eval()
         fake = model.sample(self.grid_columns ** 2, seeded(device, 0))
         model.train(was_training)
-        real = t["val_x"][one_per_class(t["val_y"], self.grid_columns)]
-        write_sample_grid(run_dir, epoch, [("real (validation)", real), ("generated (fixed z)", fake)], data,
-                          self.grid_columns, f"epoch {epoch}")
+        part = shown_split(data)
+        real = t[f"{part}_x"][one_per_class(t[f"{part}_y"], self.grid_columns)]
+        write_sample_grid(run_dir, epoch, [(f"real ({SPLIT_TITLES[part]})", real), ("generated (fixed z)", fake)],
+                          data, self.grid_columns, f"epoch {epoch}")
         return {}
 
     @torch.no_grad()

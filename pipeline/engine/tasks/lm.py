@@ -73,8 +73,10 @@ class LMTask(TaskDefaults):
         return {"loss": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(min(nats, 700.0))}
 
     def end_epoch(self, model: Model, epoch: int, run_dir, data) -> dict[str, float]:
-        """Append this epoch's sampled text to runs/NAME/samples.txt (a resumed run replaces later epochs)."""
-        prompt = data.tensors["val_x"][0, :self.prompt_len].to(next(model.parameters()).device)
+        """Append this epoch's sampled text to runs/NAME/samples.txt (a resumed run replaces later epochs); the
+        prompt opens the first validation chunk (the first training one where there is no validation split)."""
+        from pipeline.data.prepare import shown_split
+        prompt = data.tensors[f"{shown_split(data)}_x"][0, :self.prompt_len].to(next(model.parameters()).device)
         text = sample_text(model, prompt, data.meta.itos, self.sample_tokens, seed=epoch)
         path = Path(run_dir) / "samples.txt"
         sections = _epoch_sections(path.read_text() if path.is_file() else "")

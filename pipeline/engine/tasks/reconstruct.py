@@ -59,15 +59,17 @@ class ReconstructTask(TaskDefaults):
         return out
 
     def end_epoch(self, model: Model, epoch: int, run_dir, data) -> dict[str, float]:
-        """samples/epoch_NNN.png: validation inputs against their reconstructions (ae, dae: also from corrupted
-        inputs; vae: also samples decoded from z ~ N(0, I)), in the data's original units."""
+        """samples/epoch_NNN.png: validation inputs (training ones where there is no validation split) against
+        their reconstructions (ae, dae: also from corrupted inputs; vae: also samples decoded from z ~ N(0, I)),
+        in the data's original units."""
+        from pipeline.data.prepare import SPLIT_TITLES, shown_split
         device = next(model.parameters()).device
-        t = data.tensors
-        x = t["val_x"][one_per_class(t["val_y"], self.grid_columns)].to(device)
+        t, part = data.tensors, shown_split(data)
+        x = t[f"{part}_x"][one_per_class(t[f"{part}_y"], self.grid_columns)].to(device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            rows = [("inputs (validation)", x), ("reconstructions", model(x))]
+            rows = [(f"inputs ({SPLIT_TITLES[part]})", x), ("reconstructions", model(x))]
             corrupted = model.corrupted(x, seeded(device, epoch))
             if corrupted is not None:
                 title, noisy = corrupted

@@ -219,3 +219,18 @@ def test_a_meta_json_key_of_the_wrong_type_is_a_user_error_naming_file_and_key(t
     with pytest.raises(UserError) as caught:
         read_meta(tmp_path)
     assert str(caught.value).startswith(f"{tmp_path / 'meta.json'}: output_size: Input should be a valid integer")
+
+
+def test_without_a_validation_split_training_gets_the_former_validation_share(tmp_path):
+    """`split: {val_fraction: 0}`: the same test examples, and train holds what train and validation held."""
+    with_val, meta = build_arrays("digits", BUILTIN_DATASETS["digits"])
+    spec = BUILTIN_DATASETS["digits"].model_copy(update={"split": SplitSpec(val_fraction=0)})
+    meta0 = prepare("digits", spec, tmp_path / "digits")
+    assert meta0.sizes == {"train": meta.sizes["train"] + meta.sizes["val"], "val": 0, "test": meta.sizes["test"]}
+    data = load_prepared(tmp_path / "digits")
+    assert tuple(data.tensors["val_x"].shape) == (0, 1, 8, 8) and len(data.tensors["val_y"]) == 0
+    assert np.array_equal(data.tensors["test_y"].numpy(), with_val["test_y"])  # the test split never moves
+    pooled = np.concatenate([with_val["train_y"], with_val["val_y"]])
+    assert np.array_equal(np.bincount(data.tensors["train_y"].numpy()), np.bincount(pooled))
+    train_x = data.tensors["train_x"].numpy()
+    assert abs(train_x.mean()) < 1e-4 and abs(train_x.std() - 1) < 1e-3  # statistics of the larger training split
