@@ -6,9 +6,9 @@ claim file names measures by word and the report explains each once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.engine.runfiles import Cost, Diagnostics, Evaluation, RunMetrics, read_run_fields
 from pipeline.specs.metrics import LOWER_IS_BETTER, Mode

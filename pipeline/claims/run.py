@@ -117,10 +117,13 @@ def train_claims(claims: list[Claim], config, data_root: Path, runs: Path, worke
     """Train and evaluate every claim's missing seeds; → how many ran. Variants that start from another
     variant's runs are planned only once those are trained: whether a seed of theirs is done depends on the
     weights it starts from (warm starts record their hash)."""
-    for claim in claims:  # every variant checked against its data before anything trains
+    # Every variant is checked against its data before anything trains: the first wave's variants as their jobs
+    # are planned (all before the pool starts), the warm-started ones here.
+    for claim in claims:
         for spec in claim.variants.values():
             if spec.train.init_from is not None:
-                ensure_prepared(config, spec, data_root / spec.data.dataset, str(claim.path))
+                ensure_prepared(config, spec, data_root / spec.data.dataset, str(claim.path),
+                                check=validation_check(claim))
     ran = 0
     for warm in (False, True):
         jobs, done = [], 0

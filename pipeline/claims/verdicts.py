@@ -8,8 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.claims.measures import Measure, measure
-from pipeline.claims.rules import (SeedTest, combine, judge_pairs, loglog_slope, mean_interval, pair_outcome,
-                                   paired_seed_test, threshold_outcome, trend_outcome)
+from pipeline.claims.rules import (
+    SeedTest,
+    combine,
+    judge_pairs,
+    loglog_slope,
+    mean_interval,
+    pair_outcome,
+    paired_seed_test,
+    threshold_outcome,
+    trend_outcome,
+)
 from pipeline.reports.records import find_seed_dirs
 from pipeline.reports.statistics import compare_pair, load_evidence
 from pipeline.specs.claim import Claim, CompareExpectation, ThresholdExpectation, TrendExpectation

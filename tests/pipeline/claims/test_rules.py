@@ -6,8 +6,16 @@ import math
 import pytest
 from scipy import stats
 
-from pipeline.claims.rules import (combine, judge_pairs, loglog_slope, mean_interval, pair_outcome, paired_seed_test,
-                                   threshold_outcome, trend_outcome)
+from pipeline.claims.rules import (
+    combine,
+    judge_pairs,
+    loglog_slope,
+    mean_interval,
+    pair_outcome,
+    paired_seed_test,
+    threshold_outcome,
+    trend_outcome,
+)
 
 
 @pytest.mark.parametrize("pair, expected, outcome", [
