@@ -161,7 +161,7 @@ def _trend(runs: ClaimRuns, e: TrendExpectation) -> Outcome:
                 seeds.add(seed)
     bounds = (f"at most {e.high:g}" if e.low is None else f"at least {e.low:g}" if e.high is None
               else f"within [{e.low:g}, {e.high:g}]")
-    text = f"log-log slope of {e.measure} against x over {', '.join(e.variants)}: {bounds}"
+    text = f"log-log slope of {e.measure} against {e.x_name} over {', '.join(e.variants)}: {bounds}"
     if len(set(xs)) < 3:
         return Outcome(text, e.measure, len(seeds), math.nan, math.nan, math.nan, "inconclusive", "too few points")
     slope = loglog_slope(xs, ys)

@@ -50,6 +50,7 @@ class TrendExpectation(StrictModel):
                                    "sequence length.")
     variants: list[Slug] = Field(min_length=3, description="The variants, in order of x.")
     x: list[float] = Field(min_length=3, description="The x value of each variant (e.g. sequence length).")
+    x_name: str = Field(default="x", min_length=1, description="What x is, for the report (e.g. sequence length).")
     measure: str = Field(description="The measure on the y axis (see compare.measure).")
     low: float | None = Field(default=None, description="The slope's 95% interval must lie at or above this.")
     high: float | None = Field(default=None, description="The slope's 95% interval must lie at or below this.")
