@@ -12,7 +12,7 @@ from pipeline.claims.rules import OUTCOMES
 from pipeline.claims.verdicts import ClaimResult, VariantValues
 from pipeline.io import atomic_write_text, replace_dir
 from pipeline.reports.document import Report, Section, Table, render_html, render_markdown
-from pipeline.reports.figures import FigureRef, FigureWriter, new_figure, slug
+from pipeline.reports.figures import FigureRef, FigureWriter, log_axis, new_figure, slug
 from pipeline.specs.errors import UserError
 
 CLAIMS_MD = "claims.md"
@@ -56,7 +56,7 @@ def expectations_table(result: ClaimResult) -> Table:
 
 
 def variants_table(result: ClaimResult) -> Table:
-    rows = [[v.variant, v.measure, str(len(v.values)), _fmt(v.mean), _interval(v.low, v.high),
+    rows = [[v.variant, v.label or v.measure, str(len(v.values)), _fmt(v.mean), _interval(v.low, v.high),
              ", ".join(_fmt(x) for _, x in sorted(v.values.items()))] for v in result.variants]
     return Table(["variant", "measure", "n", "mean", "95% interval", "per seed"], rows, numeric={2, 3})
 
@@ -79,9 +79,11 @@ def claim_figure(writer: FigureWriter, result: ClaimResult) -> FigureRef | None:
                 ax.plot([v.low, v.high], [y, y], color="#0969da", lw=2)
                 ax.plot([v.mean], [y], "|", color="#0969da", ms=9)
         ax.set_yticks(range(len(values)), [v.variant for v in reversed(values)])
-        ax.set_title(name)
-        if values[0].log and all(x > 0 for v in values for x in v.values.values()):
+        ax.set_title(values[0].label)
+        points = [x for v in values for x in v.values.values()]
+        if values[0].log and points and min(points) > 0:
             ax.set_xscale("log")
+            log_axis(ax.xaxis, min(points), max(points))
         ax.grid(axis="x", alpha=0.25)
     anchor = f"fig-claim-{slug(result.claim.name)}"
     caption = "Each variant's seeds (grey dots) and its mean with the 95% interval over seeds (blue)."

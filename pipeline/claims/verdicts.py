@@ -46,6 +46,7 @@ class VariantValues:
     measure: str
     values: dict[int, float]  # seed → value
     log: bool = False  # the measure is compared on a log scale
+    label: str = ""  # how the report names the measure
     mean: float = math.nan
     low: float = math.nan
     high: float = math.nan
@@ -95,7 +96,7 @@ class ClaimRuns:
             m = self.measure(name, variant)
             read = {s: m.read(folder) for s, folder in self.seed_dirs[variant].items()}
             kept = {s: v for s, v in read.items() if v is not None and not (m.log and v <= 0)}
-            vv = VariantValues(variant, name, kept, m.log)
+            vv = VariantValues(variant, name, kept, m.log, m.label)
             if kept:
                 vv.mean, vv.low, vv.high = mean_interval(list(kept.values()), m.log)
             self._values[key] = vv
