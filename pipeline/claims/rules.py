@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from pipeline.engine.scaling import Slope
 from pipeline.reports.statistics import CONFIDENCE, holm, verdict
 
 OUTCOMES = ("supported", "not supported", "inconclusive")
@@ -104,24 +105,6 @@ def threshold_outcome(n: int, low: float, high: float, side: str, value: float) 
     if (side == "above" and high <= value) or (side == "below" and low >= value):
         return "not supported", f"95% interval wholly on the wrong side of {value:g}"
     return "inconclusive", f"95% interval spans {value:g}"
-
-
-@dataclass
-class Slope:
-    slope: float
-    low: float
-    high: float
-    points: int
-
-
-def loglog_slope(x: list[float], y: list[float]) -> Slope:
-    """The slope of log10 y on log10 x with its 95% interval (scipy.stats.linregress's standard error)."""
-    lx, ly = np.log10(np.asarray(x, dtype=float)), np.log10(np.asarray(y, dtype=float))
-    fit = stats.linregress(lx, ly)
-    if len(lx) < 3:
-        return Slope(float(fit.slope), -math.inf, math.inf, len(lx))
-    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(lx) - 2) * fit.stderr
-    return Slope(float(fit.slope), float(fit.slope - half), float(fit.slope + half), len(lx))
 
 
 def trend_outcome(slope: Slope, seeds: int, low: float | None, high: float | None) -> tuple[str, str]:

@@ -12,13 +12,13 @@ from pipeline.claims.rules import (
     SeedTest,
     combine,
     judge_pairs,
-    loglog_slope,
     mean_interval,
     pair_outcome,
     paired_seed_test,
     threshold_outcome,
     trend_outcome,
 )
+from pipeline.engine.scaling import loglog_slope
 from pipeline.reports.records import find_seed_dirs
 from pipeline.reports.statistics import compare_pair, load_evidence
 from pipeline.specs.claim import Claim, CompareExpectation, ThresholdExpectation, TrendExpectation

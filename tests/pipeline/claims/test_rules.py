@@ -9,13 +9,13 @@ from scipy import stats
 from pipeline.claims.rules import (
     combine,
     judge_pairs,
-    loglog_slope,
     mean_interval,
     pair_outcome,
     paired_seed_test,
     threshold_outcome,
     trend_outcome,
 )
+from pipeline.engine.scaling import loglog_slope
 
 
 @pytest.mark.parametrize("pair, expected, outcome", [
