@@ -3,9 +3,10 @@
 
 The part is found by the model itself (models.contract.Model.transferable) and its weights by the name it has
 in the model, so a classifier takes exactly the body an mlm run trained under that name, never its head.
-A run that starts from another depends on it: in DVC, its stage lists the pretraining run's folder as a dep
-(`dependencies`), and the pretraining runs first. Its checkpoint and metrics.json keep a hash of the weights it
-started from (`init_hash`): a finished seed whose pretraining has changed since is neither skipped nor resumed.
+A run that starts from another depends on it: its checkpoint and metrics.json keep a hash of the weights it
+started from (`init_hash`), and a finished seed whose pretraining has changed since is neither skipped nor resumed.
+(The claims stage trains such variants after the runs they start from; a DVC train stage does not know of the
+dependency, see README.)
 """
 from __future__ import annotations
 
@@ -31,12 +32,6 @@ def init_checkpoint(init_from: Path, seed: int) -> Path:
             return path
     raise UserError(init_from, f"holds no trained run: neither {CHECKPOINT} nor seed-{seed}/{CHECKPOINT}; train "
                     "the run it names first", field="train.init_from")
-
-
-def dependencies(spec: ExperimentSpec) -> list[Path]:
-    """What a run of `spec` reads besides its spec and data: the folder of the run it starts from (for a DVC
-    stage's deps, so that a new pretraining reruns it)."""
-    return [spec.train.init_from] if spec.train.init_from is not None else []
 
 
 def weights_hash(weights: dict[str, torch.Tensor]) -> str:

@@ -228,14 +228,6 @@ def test_the_labelled_text_prepares_on_disk_and_reads_back(tiny_project):
     assert data.meta.num_classes == 3 and data.tensors["test_x"].shape[1] == 16
 
 
-def test_a_warm_started_run_depends_on_the_run_it_starts_from():
-    from pipeline.engine.warmstart import dependencies
-    from pipeline.specs.experiment import load_spec
-    from tests.conftest import REPO
-    assert dependencies(load_spec(REPO / "specs" / "corpus_verbs_pretrained.yaml")) == [Path("runs/corpus_bert")]
-    assert dependencies(load_spec(REPO / "specs" / "corpus_verbs_random.yaml")) == []
-
-
 def test_a_finished_probe_is_trained_again_once_its_pretraining_changes(pretrained, tmp_path):
     """A warm-started seed counts as done (skipped, or resumed as finished) only for the weights it started from."""
     import shutil
