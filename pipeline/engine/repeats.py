@@ -101,10 +101,7 @@ def open_tracking_store(uri: str, experiment: str) -> None:
 
 def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiment: str | None = None) -> list[SeedJob]:
     """Run the jobs (skipped ones already removed) side by side; → the jobs that ran. One job, or one worker,
-    runs in this process with its threads untouched. `experiment`: the MLflow experiment the runs log to.
-
-    With several workers this process is one of them: it trains from the same queue at once, while each spawned
-    worker spends its first seconds importing torch (and MLflow) before its first seed."""
+    runs in this process with its threads untouched. `experiment`: the MLflow experiment the runs log to."""
     processes, threads = worker_plan(len(jobs), workers)
     if processes <= 1:
         for job in jobs:
@@ -112,66 +109,14 @@ def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiment: str |
         return jobs
     if jobs[0].tracking_uri and experiment:
         open_tracking_store(jobs[0].tracking_uri, experiment)
-    queue = SharedQueue([SeedJob(**{**job.__dict__, "threads": threads}) for job in jobs])
-    failures = _run_shared(queue, processes - 1)
-    if failures:
-        raise failures[0]  # the first failure, after every other seed has run
-    return jobs
-
-
-class SharedQueue:
-    """The jobs this process and the spawned workers take from, first come first served."""
-
-    def __init__(self, jobs: list[SeedJob]):
-        import threading
-        self._jobs, self._lock = list(reversed(jobs)), threading.Lock()
-
-    def take(self) -> SeedJob | None:
-        with self._lock:
-            return self._jobs.pop() if self._jobs else None
-
-    def clear(self) -> None:
-        with self._lock:
-            self._jobs.clear()
-
-
-def _run_shared(queue: SharedQueue, spawned: int) -> list[BaseException]:
-    """Run the queue in this process and in `spawned` worker processes → the failures, in the order they came.
-    A feeder thread keeps each spawned worker busy with the next job; this process takes jobs as it goes."""
     import multiprocessing
-    import threading
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    import torch
-    failures: list[BaseException] = []
+    from concurrent.futures import ProcessPoolExecutor
     ctx = multiprocessing.get_context("spawn")  # forking a process that holds torch threads is unsafe
-    threads_before = torch.get_num_threads()
-    with ProcessPoolExecutor(spawned, mp_context=ctx) as pool:
-        def feed() -> None:
-            running: set = set()
-            while True:
-                while len(running) < spawned and (job := queue.take()) is not None:
-                    running.add(pool.submit(run_seed, job))
-                if not running:
-                    return
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                failures.extend(f.exception() for f in finished if f.exception() is not None)
-
-        feeder = threading.Thread(target=feed, name="seed-feeder", daemon=True)
-        feeder.start()
-        try:
-            while (job := queue.take()) is not None:
-                try:
-                    run_seed(job)
-                except Exception as err:  # noqa: BLE001 - the other seeds still run; raised at the end
-                    failures.append(err)
-        except KeyboardInterrupt:
-            queue.clear()  # the spawned workers got the Ctrl-C too; nothing new starts
-            raise
-        finally:
-            torch.set_num_threads(threads_before)
-        feeder.join()
-    return failures
+    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        futures = [pool.submit(run_seed, SeedJob(**{**job.__dict__, "threads": threads})) for job in jobs]
+        for future in futures:
+            future.result()  # the first failure is raised here, after the pool finishes its other seeds
+    return jobs
 
 
 def seed_jobs(spec: ExperimentSpec, spec_path: str | Path, seeds: list[int], vary_split: bool, data_dir: Path,
