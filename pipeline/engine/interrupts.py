@@ -4,7 +4,8 @@ A KeyboardInterrupt raised wherever SIGINT happens to land can cut a database wr
 left holding SQLite's write lock makes every other process's write fail with "database is locked", and one
 landing in a garbage-collection callback prints a traceback Python cannot let us catch. Inside `deferred()`
 the first SIGINT (or SIGTERM) is only noted; the training loop calls `check()` between steps, which raises
-KeyboardInterrupt there. A second signal raises at once, so a stuck process still stops.
+KeyboardInterrupt there. A second signal raises at once, so a stuck process still stops. A signal the process
+inherited as ignored (a background job's SIGINT) stays ignored.
 """
 from __future__ import annotations
 
@@ -39,14 +40,17 @@ def deferred() -> Iterator[None]:
         yield
         return
     outermost = _state["depth"] == 0
-    previous = [signal.signal(s, _note) for s in _SIGNALS] if outermost else []
+    # A signal the process was started ignoring stays ignored, as Python itself leaves it (a background job
+    # ignores the terminal's Ctrl-C): the workers of a process that ignores it must not stop on it alone.
+    taken = [s for s in _SIGNALS if signal.getsignal(s) is not signal.SIG_IGN] if outermost else []
+    previous = [signal.signal(s, _note) for s in taken]
     _state["depth"] += 1
     try:
         yield
     finally:
         _state["depth"] -= 1
         if outermost:
-            for s, handler in zip(_SIGNALS, previous):
+            for s, handler in zip(taken, previous):
                 signal.signal(s, handler)
             pending, _state["requested"] = _state["requested"], False
     if outermost and pending:

@@ -7,6 +7,15 @@ import pytest
 from pipeline.engine import interrupts
 
 
+@pytest.fixture(autouse=True)
+def python_ctrl_c():
+    """Python's own Ctrl-C handler, whatever this test process inherited (a background job starts with SIGINT
+    ignored, and Python then leaves it so)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _ctrl_c() -> None:
     os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next bytecode of this (main) thread
 
@@ -43,3 +52,12 @@ def test_a_stop_noted_but_never_checked_is_raised_as_the_outermost_block_ends_an
 
 def test_check_outside_a_deferred_block_is_a_no_op():
     interrupts.check()
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts
+    with interrupts.deferred():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        _ctrl_c()
+        interrupts.check()  # nothing was noted: no KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

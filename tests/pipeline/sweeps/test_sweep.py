@@ -571,8 +571,10 @@ def test_a_killed_worker_is_one_line_the_survivor_finishes_and_ctrl_c_stops_ever
 
     # 2. Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops the parent and every worker
     write_sweep(lab, {**raw, "budget": {"trials": 5}})
+    # Started with Ctrl-C's default disposition, as from a terminal: a test run in the background would otherwise
+    # hand the sweep an ignored SIGINT, which archlab (as Python) then leaves ignored.
     proc = subprocess.Popen(cmd, cwd=lab, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_a_training_worker(lab, proc)
         os.killpg(proc.pid, signal.SIGINT)
