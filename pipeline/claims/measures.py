@@ -5,12 +5,12 @@ claim file names measures by word and the report explains each once.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.engine.runfiles import Cost, Diagnostics, Evaluation, RunMetrics, read_run_fields
+from pipeline.reports.records import finite, read_history
 from pipeline.specs.metrics import LOWER_IS_BETTER, Mode
 
 
@@ -29,17 +29,11 @@ class Measure:
             object.__setattr__(self, "label", self.name)
 
 
-def _finite(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _test(folder: Path, key: str) -> float | None:
     value = (read_run_fields(folder, Evaluation).get("test") or {})
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
-    return _finite(value)
+    return finite(value)
 
 
 def test_metric(folder: Path) -> float | None:
@@ -51,8 +45,8 @@ def gap(folder: Path) -> float | None:
     """How far the final training metric is past the test metric, in the direction that flatters training."""
     metrics, evaluation = read_run_fields(folder, RunMetrics), read_run_fields(folder, Evaluation)
     metric = metrics.get("main_metric")
-    train = _finite((metrics.get("final") or {}).get(f"train/{metric}"))
-    test = _finite((evaluation.get("test") or {}).get(metric))
+    train = finite((metrics.get("final") or {}).get(f"train/{metric}"))
+    test = finite((evaluation.get("test") or {}).get(metric))
     if train is None or test is None:
         return None
     return test - train if direction_of(metric) == "min" else train - test
@@ -62,14 +56,14 @@ def grad_ratio(folder: Path) -> float | None:
     """First epoch's mean gradient norm of the layer nearest the input over that of the layer nearest the output."""
     norms = (read_run_fields(folder, Diagnostics).get("grad_norm") or {}).get("mean") or []
     first = norms[0] if norms and norms[0] else []
-    if len(first) < 2 or _finite(first[0]) is None or not _finite(first[-1]):
+    if len(first) < 2 or finite(first[0]) is None or not finite(first[-1]):
         return None
     return first[0] / first[-1]
 
 
 def max_grad_norm(folder: Path) -> float | None:
     series = (read_run_fields(folder, Diagnostics).get("grad_norm") or {}).get("global_max") or []
-    values = [v for v in map(_finite, series) if v is not None]
+    values = [v for v in map(finite, series) if v is not None]
     return max(values) if values else None
 
 
@@ -86,38 +80,37 @@ def finite_training(folder: Path) -> float | None:
     metrics = read_run_fields(folder, RunMetrics)
     if not metrics:
         return None
-    return float(metrics.get("status") != "diverged" and _finite((metrics.get("final") or {}).get("train/loss"))
+    return float(metrics.get("status") != "diverged" and finite((metrics.get("final") or {}).get("train/loss"))
                  is not None)
 
 
 def _metrics_value(folder: Path, key: str) -> float | None:
-    return _finite((read_run_fields(folder, RunMetrics).get("final") or {}).get(key))
+    return finite((read_run_fields(folder, RunMetrics).get("final") or {}).get(key))
 
 
 def params(folder: Path) -> float | None:
-    return _finite(read_run_fields(folder, Cost).get("params_total"))
+    return finite(read_run_fields(folder, Cost).get("params_total"))
 
 
 def time_per_example(folder: Path) -> float | None:
-    rate = _finite(read_run_fields(folder, RunMetrics).get("train_samples_per_s"))
+    rate = finite(read_run_fields(folder, RunMetrics).get("train_samples_per_s"))
     return 1.0 / rate if rate else None
 
 
 def _flops(folder: Path, kind: str) -> float | None:
-    return _finite((read_run_fields(folder, Cost).get("flops_by_kind") or {}).get(kind))
+    return finite((read_run_fields(folder, Cost).get("flops_by_kind") or {}).get(kind))
 
 
 def _epochs_to(folder: Path, target: float) -> float | None:
     """The first epoch whose validation metric reaches `target`; a run that never does counts as one epoch past
     its budget (censored: the claim's figure shows it as such)."""
-    from pipeline.reports.records import read_history
     metrics = read_run_fields(folder, RunMetrics)
     metric = metrics.get("main_metric")
     if not metric or not (folder / "history.csv").is_file():
         return None
     better_low = direction_of(metric) == "min"
     for i, row in enumerate(read_history(folder / "history.csv")):
-        value = _finite(row.get(f"val/{metric}"))
+        value = finite(row.get(f"val/{metric}"))
         if value is not None and (value <= target if better_low else value >= target):
             return float(row.get("epoch", i + 1))
     return float(metrics.get("epochs", 0) + 1)
