@@ -102,16 +102,17 @@ def train_as_rank(job) -> None:
 
 def cmd_train(args) -> int:
     from pipeline.engine.distributed import is_main_process, launched_by_torchrun
-    from pipeline.engine.repeats import run_seeds, seed_jobs
+    from pipeline.engine.repeats import run_seeds
     from pipeline.engine.train import mlflow_experiment_name
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
+    if args.spec is None:
+        return train_every_experiment(args)
     if args.nproc < 1:
         raise UserError(None, f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and launched_by_torchrun():
         raise UserError(None, "--nproc: this is already a torchrun rank; use torchrun's --nproc-per-node alone")
-    if args.workers is not None and args.workers < 1:
-        raise UserError(None, f"--workers must be at least 1, got {args.workers}")
+    _check_workers(args)
     config = _config(args)
     uri = None if args.no_track else tracking_uri(config, args.params)  # known good before anything is written
     spec = load_spec(args.spec)
@@ -122,27 +123,81 @@ def cmd_train(args) -> int:
         raise UserError(None, f"data-parallel training trains one seed at a time, and {spec.name} has seeds "
                         f"{seeds}; add --seed K")
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(run_dir, "is a file; a run needs a folder", field="--out")
     check_store(uri)
-    data_dir = _data_dir(args, config, spec.data.dataset)
-    ensure_prepared(config, spec, data_dir, args.spec)  # once, before any rank or worker starts
     if args.nproc > 1:
+        _check_run_dir(run_dir, "--out")
+        ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)  # before any rank
         return launch_ranks(args, seeds[0])
-    jobs, done = seed_jobs(spec, args.spec, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir, uri,
-                           args.evaluate, restart=args.restart)
-    if done:
-        print(f"{spec.name}: seeds {done} already done for this spec, skipped")
+    jobs = _plan_seeds(args, config, spec, args.spec, seeds, _data_dir(args, config, spec.data.dataset), run_dir, uri)
     if data_parallel:
         for job in jobs:
             train_as_rank(job)
         if not is_main_process():
             return 0  # rank 0 reports
     else:
-        run_seeds(jobs, args.workers, experiment=mlflow_experiment_name(spec))
+        run_seeds(jobs, args.workers, experiments=[mlflow_experiment_name(spec)])
     for seed in seeds:
         print(_seed_line(spec.name, seed, run_dir))
     return 0
+
+
+def train_every_experiment(args) -> int:
+    """`archlab train` without a spec: every experiment in params.yaml over its seeds, into runs/NAME/seed-K/,
+    all in one pool of workers. One pool, not one per experiment, so each worker pays its imports once and the
+    cores stay busy from the first seed to the last (the pipeline's train stage)."""
+    from pipeline.engine.repeats import run_seeds
+    from pipeline.engine.train import mlflow_experiment_name
+    from pipeline.specs.config import tracking_uri
+    from pipeline.specs.experiment import load_spec
+    given = [flag for flag, given in (("--data", args.data is not None), ("--out", args.out is not None),
+                                      ("--seed", args.seed is not None), ("--restart", args.restart),
+                                      ("--nproc", args.nproc != 1)) if given]
+    if given:
+        raise UserError(None, f"{given[0]} applies to one experiment; name its spec, or leave {given[0]} out to "
+                        "train every experiment in params.yaml", field=given[0])
+    _check_workers(args)
+    config = _config(args)
+    uri = None if args.no_track else tracking_uri(config, args.params)
+    if not config.experiments:
+        raise UserError(args.params, "lists no experiments to train; name a spec", field="experiments")
+    specs = {name: load_spec(config.paths.specs / f"{name}.yaml") for name in config.experiments}  # all, first
+    seeds = {name: _seeds(args, config, spec) for name, spec in specs.items()}
+    for spec in specs.values():
+        check_vary(config, spec, args.params)
+    check_store(uri)
+    jobs = []
+    for name, spec in specs.items():
+        jobs += _plan_seeds(args, config, spec, str(config.paths.specs / f"{name}.yaml"), seeds[name],
+                            config.paths.data / config.experiments[name].dataset, config.paths.runs / name, uri)
+    run_seeds(jobs, args.workers, experiments=[mlflow_experiment_name(spec) for spec in specs.values()])
+    for name in specs:
+        for seed in seeds[name]:
+            print(_seed_line(name, seed, config.paths.runs / name))
+    return 0
+
+
+def _check_workers(args) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(None, f"--workers must be at least 1, got {args.workers}")
+
+
+def _check_run_dir(run_dir: Path, field: str | None) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(run_dir, "is a file; a run needs a folder", field=field)
+
+
+def _plan_seeds(args, config, spec, spec_path: str, seeds: list[int], data_dir: Path, run_dir: Path,
+                uri: str | None) -> list:
+    """The experiment's seeds still to train (its data prepared and its model checked first); says which are
+    already done for this spec."""
+    from pipeline.engine.repeats import seed_jobs
+    _check_run_dir(run_dir, "--out" if args.out else None)
+    ensure_prepared(config, spec, data_dir, spec_path)  # once, before any worker starts
+    jobs, done = seed_jobs(spec, spec_path, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir, uri,
+                           args.evaluate, restart=args.restart)
+    if done:
+        print(f"{spec.name}: seeds {done} already done for this spec, skipped")
+    return jobs
 
 
 def _seed_line(name: str, seed: int, run_dir: Path) -> str:
@@ -377,9 +432,11 @@ def _add_claims(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train one experiment over its seeds, each into runs/NAME/seed-K/ (resumes "
-                                     "interrupted seeds, skips finished ones)")
-    p.add_argument("spec", help="spec file, e.g. specs/digits_mlp.yaml")
+    p = sub.add_parser("train", help="train an experiment over its seeds, each into runs/NAME/seed-K/ (resumes "
+                                     "interrupted seeds, skips finished ones); without a spec, every experiment "
+                                     "in params.yaml, side by side in one pool of workers")
+    p.add_argument("spec", nargs="?", help="spec file, e.g. specs/digits_mlp.yaml (default: every experiment "
+                                           "params.yaml lists)")
     p.add_argument("--data", help="prepared dataset folder (default: data/prepared/DATASET, prepared if missing)")
     p.add_argument("--out", help="run folder (default: runs/NAME)")
     p.add_argument("--seed", type=int, help="train this seed only (default: the seeds params.yaml gives)")

@@ -8,6 +8,7 @@ so adding a seed trains only the new one; a killed seed resumes from its checkpo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,25 +91,26 @@ def worker_plan(pending: int, workers: int | None) -> tuple[int, int]:
     return processes, max(1, cores // processes)
 
 
-def open_tracking_store(uri: str, experiment: str) -> None:
-    """Create the MLflow store and experiment once, here: workers that each find them missing race to create
+def open_tracking_store(uri: str, experiments: Iterable[str]) -> None:
+    """Create the MLflow store and experiments once, here: workers that each find them missing race to create
     them (a fresh SQLite store's migration fails under two at once)."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(experiment) is None:
-        client.create_experiment(experiment)
+    for experiment in dict.fromkeys(experiments):
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment)
 
 
-def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiment: str | None = None) -> list[SeedJob]:
+def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiments: Iterable[str] = ()) -> list[SeedJob]:
     """Run the jobs (skipped ones already removed) side by side; → the jobs that ran. One job, or one worker,
-    runs in this process with its threads untouched. `experiment`: the MLflow experiment the runs log to."""
+    runs in this process with its threads untouched. `experiments`: the MLflow experiments the runs log to."""
     processes, threads = worker_plan(len(jobs), workers)
     if processes <= 1:
         for job in jobs:
             run_seed(job)
         return jobs
-    if jobs[0].tracking_uri and experiment:
-        open_tracking_store(jobs[0].tracking_uri, experiment)
+    if jobs[0].tracking_uri and experiments:
+        open_tracking_store(jobs[0].tracking_uri, experiments)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     ctx = multiprocessing.get_context("spawn")  # forking a process that holds torch threads is unsafe

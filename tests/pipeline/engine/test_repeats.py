@@ -54,6 +54,43 @@ def test_bad_seed_options_exit_2_and_write_nothing(args, words, project, capsys)
     assert files_under(project) == before
 
 
+@pytest.mark.parametrize("args, flag", [(["--out", "x"], "--out"), (["--data", "d"], "--data"), (["--seed", "0"], "--seed"),
+                                        (["--restart"], "--restart"), (["--nproc", "2"], "--nproc")])
+def test_options_for_one_experiment_without_a_spec_exit_2_and_write_nothing(args, flag, project, capsys):
+    before = files_under(project)
+    assert main(["train", "--no-track", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: {flag} applies to one experiment; name its spec" in err and "Traceback" not in err, err
+    assert files_under(project) == before
+
+
+def test_without_a_spec_a_bad_experiment_anywhere_in_params_trains_nothing(project, capsys):
+    (project / "params.yaml").write_text("experiments:\n  digits_mlp: digits\n  nope: digits\n")
+    before = files_under(project)
+    assert main(["train", "--no-track"]) == 2
+    assert "specs/nope.yaml: file not found" in capsys.readouterr().err
+    assert files_under(project) == before  # not even digits_mlp's data, though its spec comes first
+
+
+def test_without_a_spec_every_experiment_trains_over_its_seeds_in_one_pool(project, capsys):
+    """Two experiments, three seeds in all, two workers: each seed lands in its own run folder, and a second
+    call finds them all done."""
+    for name, hidden in (("a", "[8]"), ("b", "[]")):
+        (project / "specs" / f"{name}.yaml").write_text(
+            f"name: {name}\ndata: {{dataset: digits}}\ntask: classify\nmodel: {{kind: mlp, hidden: {hidden}}}\n"
+            "train: {epochs: 1, checkpoint_every_s: 0}\n")
+    (project / "params.yaml").write_text("experiments:\n  a: {dataset: digits, seeds: 2}\n  b: digits\n")
+    assert main(["train", "--no-track", "--evaluate", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    for name, seed in (("a", 0), ("a", 1), ("b", 0)):
+        assert f"{name} seed {seed}: finished after 1 epochs" in out
+        assert json.loads((project / "runs" / name / f"seed-{seed}" / "eval.json").read_text())["seed"] == seed
+    assert not (project / "runs" / "b" / "seed-1").exists()
+    assert main(["train", "--no-track", "--evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "a: seeds [0, 1] already done for this spec, skipped" in out and "b: seeds [0] already done" in out
+
+
 def test_a_declared_pair_across_groups_exits_2(project, capsys):
     (project / "params.yaml").write_text("experiments:\n  a: digits\n  b: diabetes\ncomparisons:\n  - [a, b]\n")
     for name, dataset, task in (("a", "digits", "classify"), ("b", "diabetes", "regress")):

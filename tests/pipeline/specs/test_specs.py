@@ -147,7 +147,7 @@ def test_missing_spec_file(project, capsys):
 
 def test_bad_command_line_exits_2(project, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["train"])
+        main(["train", "--workers"])
     assert exc.value.code == 2
 
 
