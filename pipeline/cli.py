@@ -124,11 +124,12 @@ def cmd_train(args) -> int:
                         f"{seeds}; add --seed K")
     run_dir = Path(args.out) if args.out else config.paths.runs / spec.name
     check_store(uri)
+    _check_run_dir(run_dir, "--out" if args.out else None)
+    data_dir = _data_dir(args, config, spec.data.dataset)
+    ensure_prepared(config, spec, data_dir, args.spec)  # once, before any rank or worker starts
     if args.nproc > 1:
-        _check_run_dir(run_dir, "--out")
-        ensure_prepared(config, spec, _data_dir(args, config, spec.data.dataset), args.spec)  # before any rank
         return launch_ranks(args, seeds[0])
-    jobs = _plan_seeds(args, config, spec, args.spec, seeds, _data_dir(args, config, spec.data.dataset), run_dir, uri)
+    jobs = _seed_jobs(args, config, spec, args.spec, seeds, data_dir, run_dir, uri)
     if data_parallel:
         for job in jobs:
             train_as_rank(job)
@@ -144,7 +145,10 @@ def cmd_train(args) -> int:
 def train_every_experiment(args) -> int:
     """`archlab train` without a spec: every experiment in params.yaml over its seeds, into runs/NAME/seed-K/,
     all in one pool of workers. One pool, not one per experiment, so each worker pays its imports once and the
-    cores stay busy from the first seed to the last (the pipeline's train stage)."""
+    cores stay busy from the first seed to the last (the pipeline's train stage).
+
+    Experiments that start from another's runs (`train.init_from`) are planned only once the others have trained:
+    whether their seeds are done depends on the weights they start from."""
     from pipeline.engine.repeats import run_seeds
     from pipeline.engine.train import mlflow_experiment_name
     from pipeline.specs.config import tracking_uri
@@ -160,16 +164,23 @@ def train_every_experiment(args) -> int:
     uri = None if args.no_track else tracking_uri(config, args.params)
     if not config.experiments:
         raise UserError(args.params, "lists no experiments to train; name a spec", field="experiments")
-    specs = {name: load_spec(config.paths.specs / f"{name}.yaml") for name in config.experiments}  # all, first
+    spec_paths = {name: str(config.paths.specs / f"{name}.yaml") for name in config.experiments}
+    specs = {name: load_spec(path) for name, path in spec_paths.items()}  # every spec read before anything runs
     seeds = {name: _seeds(args, config, spec) for name, spec in specs.items()}
     for spec in specs.values():
         check_vary(config, spec, args.params)
     check_store(uri)
-    jobs = []
-    for name, spec in specs.items():
-        jobs += _plan_seeds(args, config, spec, str(config.paths.specs / f"{name}.yaml"), seeds[name],
-                            config.paths.data / config.experiments[name].dataset, config.paths.runs / name, uri)
-    run_seeds(jobs, args.workers, experiments=[mlflow_experiment_name(spec) for spec in specs.values()])
+    data_dirs = {name: config.paths.data / config.experiments[name].dataset for name in specs}
+    for name, spec in specs.items():  # every model checked against its data before any seed trains
+        _check_run_dir(config.paths.runs / name, None)
+        ensure_prepared(config, spec, data_dirs[name], spec_paths[name])
+    for warm in (False, True):
+        jobs = []
+        for name, spec in specs.items():
+            if (spec.train.init_from is not None) == warm:
+                jobs += _seed_jobs(args, config, spec, spec_paths[name], seeds[name], data_dirs[name],
+                                   config.paths.runs / name, uri)
+        run_seeds(jobs, args.workers, experiments=[mlflow_experiment_name(spec) for spec in specs.values()])
     for name in specs:
         for seed in seeds[name]:
             print(_seed_line(name, seed, config.paths.runs / name))
@@ -186,13 +197,10 @@ def _check_run_dir(run_dir: Path, field: str | None) -> None:
         raise UserError(run_dir, "is a file; a run needs a folder", field=field)
 
 
-def _plan_seeds(args, config, spec, spec_path: str, seeds: list[int], data_dir: Path, run_dir: Path,
-                uri: str | None) -> list:
-    """The experiment's seeds still to train (its data prepared and its model checked first); says which are
-    already done for this spec."""
+def _seed_jobs(args, config, spec, spec_path: str, seeds: list[int], data_dir: Path, run_dir: Path,
+               uri: str | None) -> list:
+    """The experiment's seeds still to train; says which are already done for this spec."""
     from pipeline.engine.repeats import seed_jobs
-    _check_run_dir(run_dir, "--out" if args.out else None)
-    ensure_prepared(config, spec, data_dir, spec_path)  # once, before any worker starts
     jobs, done = seed_jobs(spec, spec_path, seeds, config.vary_of(spec.name) == "split", data_dir, run_dir, uri,
                            args.evaluate, restart=args.restart)
     if done:

@@ -24,12 +24,15 @@ def seed_spec(spec: ExperimentSpec, seed: int, vary_split: bool) -> ExperimentSp
     return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed}), "data": data})
 
 
-def is_done(spec: ExperimentSpec, run_dir: Path, evaluate: bool) -> bool:
-    """Trained to the end for exactly this spec (and evaluated for it, when asked)."""
+def is_done(spec: ExperimentSpec, run_dir: Path, evaluate: bool, *, data_hash: str | None) -> bool:
+    """Trained to the end for exactly this spec and data (`data_hash`: the prepared dataset's content hash), and
+    evaluated for it when asked."""
     from pipeline.engine.runfiles import SHIFTED_ACCURACY, Evaluation, RunMetrics, read_run_fields
     from pipeline.engine.warmstart import init_hash
     metrics = read_run_fields(run_dir, RunMetrics)  # a missing or broken file: not done, trained again
     if metrics.get("spec_hash") != spec.spec_hash() or metrics.get("status") not in FINISHED:
+        return False
+    if metrics.get("data_hash") != data_hash:  # the dataset was prepared anew since (params.yaml changed it)
         return False
     if metrics.get("init_hash") != init_hash(spec):  # the run it started from was trained again since
         return False
@@ -106,29 +109,44 @@ def run_seeds(jobs: list[SeedJob], workers: int | None = None, experiments: Iter
     runs in this process with its threads untouched. `experiments`: the MLflow experiments the runs log to."""
     processes, threads = worker_plan(len(jobs), workers)
     if processes <= 1:
-        for job in jobs:
-            run_seed(job)
+        for done, job in enumerate(jobs, 1):
+            _report_progress(done, len(jobs), job, run_seed(job))
         return jobs
     if jobs[0].tracking_uri and experiments:
         open_tracking_store(jobs[0].tracking_uri, experiments)
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     ctx = multiprocessing.get_context("spawn")  # forking a process that holds torch threads is unsafe
+    failure: BaseException | None = None
     with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
-        futures = [pool.submit(run_seed, SeedJob(**{**job.__dict__, "threads": threads})) for job in jobs]
-        for future in futures:
-            future.result()  # the first failure is raised here, after the pool finishes its other seeds
+        futures = {pool.submit(run_seed, SeedJob(**{**job.__dict__, "threads": threads})): job for job in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            try:
+                _report_progress(done, len(jobs), futures[future], future.result())
+            except Exception as err:  # noqa: BLE001 - raised below, once the pool has finished its other seeds
+                failure = failure or err
+    if failure is not None:
+        raise failure
     return jobs
+
+
+def _report_progress(done: int, total: int, job: SeedJob, metrics: dict) -> None:
+    """One line per finished run, as it finishes: a long pool is not silent until its end."""
+    print(f"[{done}/{total}] {job.run_dir}: {metrics.get('status')}, training loop "
+          f"{metrics.get('train_time_s') or 0:.1f} s", flush=True)
 
 
 def seed_jobs(spec: ExperimentSpec, spec_path: str | Path, seeds: list[int], vary_split: bool, data_dir: Path,
               run_dir: Path, tracking_uri: str | None, evaluate: bool,
               restart: bool = False) -> tuple[list[SeedJob], list[int]]:
-    """(jobs still to run, seeds already done for this spec)."""
+    """(jobs still to run, seeds already done for this spec and data)."""
+    from pipeline.data.prepare import read_meta
+    meta = read_meta(data_dir)
+    data_hash = meta.content_hash if meta else None
     jobs, done = [], []
     for seed in seeds:
         folder = seed_dir(run_dir, seed)
-        if is_done(seed_spec(spec, seed, vary_split), folder, evaluate):
+        if is_done(seed_spec(spec, seed, vary_split), folder, evaluate, data_hash=data_hash):
             done.append(seed)
         else:
             jobs.append(SeedJob(str(spec_path), seed, vary_split, str(data_dir), str(folder), tracking_uri, evaluate,

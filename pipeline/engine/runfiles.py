@@ -49,6 +49,8 @@ class RunMetrics(BaseModel):
     mlflow_run_id: str | None = Field(description="The MLflow run; null when not tracked.")
     init_hash: str | None = Field(default=None, description="Hash of the trained weights the run started from "
                                   "(train.init_from); absent for a run from random weights.")
+    data_hash: str | None = Field(default=None, description="Content hash of the prepared dataset the run trained "
+                                  "on (its meta.json's content_hash): a run of other data is not done.")
 
 
 SHIFTED_ACCURACY = "shifted_accuracy"  # eval.json's test key: {shift: accuracy} (spec field evaluate.shifts)

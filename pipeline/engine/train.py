@@ -187,6 +187,7 @@ class Trainer:
         if spec.data.split_seed is not None:
             data = redraw_split(data, spec.data.split_seed)
         self.spec, self.data, self.run_dir = spec, data, Path(run_dir)
+        self.data_hash = data.meta.content_hash  # a run counts as done only for the data it trained on
         self.open_tracker = open_tracker  # called with the resumed run id (or None) once training starts
         self.tracker: Tracker | None = None
         self.callbacks = callbacks or []
@@ -231,6 +232,7 @@ class Trainer:
         return {
             "spec_hash": self.spec.spec_hash(),
             **({"init_hash": self.init_hash} if self.init_hash else {}),
+            **({"data_hash": self.data_hash} if self.data_hash else {}),
             "model": self.model.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -246,14 +248,16 @@ class Trainer:
             atomic_torch_save(self.run_dir / CHECKPOINT, self.checkpoint())
 
     def try_resume(self) -> bool:
-        """Load runs/NAME/checkpoint.pt if it belongs to this very spec; a changed spec starts afresh."""
+        """Load runs/NAME/checkpoint.pt if it belongs to this very spec and data; a changed spec or dataset starts
+        afresh."""
         path = self.run_dir / CHECKPOINT
         # Ranks load rank 0's copy: on several machines only rank 0's holds the run folder.
         found = self.ranks.is_main and path.is_file()
         where = "cpu" if self.ranks.active else self.device
         ckpt = self.ranks.from_main(read_checkpoint(path, where) if found else None)
-        if ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash() or ckpt.get("init_hash") != self.init_hash:
-            return False  # another spec, or other weights to start from: trained afresh
+        if (ckpt is None or ckpt.get("spec_hash") != self.spec.spec_hash() or ckpt.get("init_hash") != self.init_hash
+                or ckpt.get("data_hash") != self.data_hash):
+            return False  # another spec, other weights to start from, or the dataset prepared anew: trained afresh
         self.model.load_state_dict(ckpt["model"])
         for opt, s in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(s)
@@ -454,7 +458,8 @@ class Trainer:
             train_time_s=round(self.state.train_time_s, 3),
             train_samples_per_s=round(n_train * self.state.epoch / max(self.state.train_time_s, 1e-9), 1),
             spec_hash=self.spec.spec_hash(), mlflow_run_id=self.state.run_id,
-            **({"init_hash": self.init_hash} if self.init_hash else {}))
+            **({"init_hash": self.init_hash} if self.init_hash else {}),
+            **({"data_hash": self.data_hash} if self.data_hash else {}))
 
     def write_outputs(self) -> dict:
         """history.csv, metrics.json and diagnostics.json (rank 0) → metrics.json's content, on every rank."""

@@ -2,6 +2,7 @@
 text it transfers to, and a classifier that starts from (and may freeze) the pretrained encoder."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -236,11 +237,40 @@ def test_a_finished_probe_is_trained_again_once_its_pretraining_changes(pretrain
     source = tmp_path / "bert"
     shutil.copytree(pretrained, source)
     spec = spec_of("p", "labels", "classify", init_from=str(source), epochs=1)
+    labels_hash = tiny_labels().meta.content_hash
     metrics = train_experiment(spec, "t.yaml", tiny_labels(), tmp_path / "probe", None, progress=False)
-    assert len(metrics["init_hash"]) == 16 and is_done(spec, tmp_path / "probe", evaluate=False)
+    assert len(metrics["init_hash"]) == 16
+    assert is_done(spec, tmp_path / "probe", evaluate=False, data_hash=labels_hash)
     assert Trainer(spec, tiny_labels(), tmp_path / "probe", progress=False).try_resume()
     ckpt = read_checkpoint(source / CHECKPOINT)
     ckpt["model"]["body.embed.embed.weight"] += 0.01  # pretrained again, differently
     torch.save(ckpt, source / CHECKPOINT)
-    assert not is_done(spec, tmp_path / "probe", evaluate=False)
+    assert not is_done(spec, tmp_path / "probe", evaluate=False, data_hash=labels_hash)
     assert not Trainer(spec, tiny_labels(), tmp_path / "probe", progress=False).try_resume()
+
+
+def test_training_every_experiment_trains_a_probe_after_its_pretraining_and_again_when_that_changes(
+        tiny_project, capsys):
+    """`archlab train` without a spec plans a warm-started experiment only once the runs it starts from have
+    trained: on a fresh project the probe's pretraining does not exist yet when the pool starts."""
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params["datasets"]["text"] = {"source": "corpus", "characters": 8000, "context": 16}
+    params["experiments"] = {"p": "labels", "m": "text"}  # the probe first: the order must not matter
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    (tiny_project / "specs").mkdir()
+    pretraining = spec_of("m", "text", "mlm", epochs=1)
+    probe = spec_of("p", "labels", "classify", init_from="runs/m", epochs=1)
+    for spec in (pretraining, probe):
+        (tiny_project / "specs" / f"{spec.name}.yaml").write_text(
+            yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True)))
+    assert main(["train", "--no-track"]) == 0, capsys.readouterr().err
+    probe_metrics = tiny_project / "runs" / "p" / "seed-0" / "metrics.json"
+    first = json.loads(probe_metrics.read_text())["init_hash"]
+    assert first is not None
+    changed = pretraining.model_copy(update={"train": pretraining.train.model_copy(update={"epochs": 2})})
+    (tiny_project / "specs" / "m.yaml").write_text(yaml.safe_dump(changed.model_dump(mode="json",
+                                                                                     exclude_defaults=True)))
+    capsys.readouterr()
+    assert main(["train", "--no-track"]) == 0
+    assert "already done" not in capsys.readouterr().out  # both trained again, in one call
+    assert json.loads(probe_metrics.read_text())["init_hash"] != first

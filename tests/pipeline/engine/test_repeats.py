@@ -91,6 +91,23 @@ def test_without_a_spec_every_experiment_trains_over_its_seeds_in_one_pool(proje
     assert "a: seeds [0, 1] already done for this spec, skipped" in out and "b: seeds [0] already done" in out
 
 
+def test_a_dataset_prepared_anew_trains_its_experiments_again(project, capsys):
+    """Runs are done only for the data they trained on: params.yaml changing the dataset retrains them."""
+    (project / "specs" / "a.yaml").write_text("name: a\ndata: {dataset: digits}\ntask: classify\n"
+                                              "model: {kind: mlp, hidden: []}\ntrain: {epochs: 1}\n")
+    (project / "params.yaml").write_text("experiments:\n  a: digits\n")
+    assert main(["train", "--no-track"]) == 0
+    metrics = project / "runs" / "a" / "seed-0" / "metrics.json"
+    first = json.loads(metrics.read_text())["data_hash"]
+    assert main(["train", "--no-track"]) == 0 and "a: seeds [0] already done" in capsys.readouterr().out
+    (project / "params.yaml").write_text("datasets:\n  digits: {source: digits, split: {seed: 1}}\n"
+                                         "experiments:\n  a: digits\n")
+    assert main(["train", "--no-track"]) == 0
+    out = capsys.readouterr().out
+    assert "already done" not in out and "a seed 0: finished" in out
+    assert json.loads(metrics.read_text())["data_hash"] not in (first, None)
+
+
 def test_a_declared_pair_across_groups_exits_2(project, capsys):
     (project / "params.yaml").write_text("experiments:\n  a: digits\n  b: diabetes\ncomparisons:\n  - [a, b]\n")
     for name, dataset, task in (("a", "digits", "classify"), ("b", "diabetes", "regress")):
@@ -143,9 +160,11 @@ def test_per_example_records_add_up_to_the_reported_metric(task, model, metric, 
                                           "train": {"epochs": 2, "batch_size": 32, "checkpoint_every_s": 0}})
     run_dir = seed_dir(tmp_path, 0)
     train_experiment(spec, "t.yaml", data, run_dir, None, progress=False)
-    assert not is_done(spec, run_dir, evaluate=True)  # trained, not yet evaluated
+    data_hash = data.meta.content_hash
+    assert not is_done(spec, run_dir, evaluate=True, data_hash=data_hash)  # trained, not yet evaluated
     result = evaluate_run(spec, data, run_dir, None)
-    assert is_done(spec, run_dir, evaluate=True)
+    assert is_done(spec, run_dir, evaluate=True, data_hash=data_hash)
+    assert not is_done(spec, run_dir, evaluate=True, data_hash="prepared-anew")
     records = read_records(run_dir / result["records"])
     every = np.arange(len(data.tensors["test_x"]))[None]
     assert metric_from_records(task, records, every)[0] == pytest.approx(result["test"][metric], rel=1e-5)

@@ -67,13 +67,14 @@ def test_eval_json_holds_shifted_accuracy_and_shift_0_is_the_plain_accuracy(tmp_
     run = tmp_path / "run"
     train_experiment(spec([0, 1, 3]), "tiny.yaml", data, run, None, progress=False)
     result = evaluate_run(spec([0, 1, 3]), data, run, None)
+    data_hash = data.meta.content_hash
     test = result["test"]
     assert set(test["shifted_accuracy"]) == {"0", "1", "3"}
     assert test["shifted_accuracy"]["0"] == test["accuracy"]
     assert json.loads((run / "eval.json").read_text())["test"]["shifted_accuracy"] == test["shifted_accuracy"]
-    assert is_done(spec([0, 1, 3]), run, evaluate=True)
-    assert not is_done(spec([0, 2]), run, evaluate=True)  # other shifts asked: evaluated again, not retrained
-    assert is_done(spec([0, 2]), run, evaluate=False)
+    assert is_done(spec([0, 1, 3]), run, evaluate=True, data_hash=data_hash)
+    assert not is_done(spec([0, 2]), run, evaluate=True, data_hash=data_hash)  # other shifts asked: evaluated again, not retrained
+    assert is_done(spec([0, 2]), run, evaluate=False, data_hash=data_hash)
 
 
 def test_without_shifts_eval_json_is_as_it_was(tmp_path):
@@ -81,7 +82,8 @@ def test_without_shifts_eval_json_is_as_it_was(tmp_path):
     run = tmp_path / "run"
     train_experiment(spec(), "tiny.yaml", data, run, None, progress=False)
     assert "shifted_accuracy" not in evaluate_run(spec(), data, run, None)["test"]
-    assert is_done(spec(), run, evaluate=True)
+    data_hash = data.meta.content_hash
+    assert is_done(spec(), run, evaluate=True, data_hash=data_hash)
 
 
 def test_the_field_validates_and_leaves_the_training_hash_alone():
