@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.engine.checks import check_buildable, check_vary, dataset_meta, ensure_prepared
+from pipeline.engine.checks import check_buildable, check_vary, current_meta, dataset_meta, ensure_prepared
 from pipeline.engine.tracking import check_store
 from pipeline.specs.errors import UserError, refuse_unless_ours
 
@@ -45,6 +45,10 @@ def cmd_prepare(args) -> int:
                         f"({', '.join(names)}); name one dataset, or leave out --out", field="--out")
     for name in names:
         out = Path(args.out) if args.out else config.paths.data / name
+        # Named, a dataset is prepared again; unnamed (all of them), only where missing or out of date.
+        if not args.datasets and current_meta(config, out, name, args.params) is not None:
+            print(f"{name}: up to date in {out}")
+            continue
         meta = prepare(name, dataset_spec(config, name, args.params), out)
         print(f"{name}: {meta.sizes} input {tuple(meta.input_shape)} → {out}")
     return 0
@@ -375,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("prepare", help="prepare datasets into data/prepared/NAME/")
-    p.add_argument("datasets", nargs="*", help="dataset names (default: every one params.yaml uses)")
+    p.add_argument("datasets", nargs="*", help="dataset names, prepared again (default: every one params.yaml uses, "
+                                               "where missing or prepared from other settings than params.yaml's)")
     p.add_argument("--out", help="output folder (one dataset only)")
     p.set_defaults(func=cmd_prepare)
 

@@ -24,7 +24,7 @@ def ensure_prepared(config, spec, folder: Path, spec_path: str, check: Callable[
     from pipeline.data.prepare import build_arrays, load_prepared, write_prepared
     from pipeline.specs.config import dataset_spec
     dataset = spec.data.dataset
-    if _current_meta(config, folder, dataset, spec_path) is not None:
+    if current_meta(config, folder, dataset, spec_path) is not None:
         data = load_prepared(folder)
         check_buildable(spec, data.meta, spec_path)
         if check is not None:
@@ -39,7 +39,7 @@ def ensure_prepared(config, spec, folder: Path, spec_path: str, check: Callable[
     return load_prepared(folder)
 
 
-def _current_meta(config, folder: Path, dataset: str, spec_path: str) -> DataMeta | None:
+def current_meta(config, folder: Path, dataset: str, spec_path: str) -> DataMeta | None:
     """The folder's meta if it holds `dataset` prepared from the spec params.yaml gives it (or from any, for
     a dataset params.yaml does not know); None if it must be prepared (nothing there, or archlab's own
     folder prepared from another spec). Anything else is refused."""

@@ -234,3 +234,21 @@ def test_without_a_validation_split_training_gets_the_former_validation_share(tm
     assert np.array_equal(np.bincount(data.tensors["train_y"].numpy()), np.bincount(pooled))
     train_x = data.tensors["train_x"].numpy()
     assert abs(train_x.mean()) < 1e-4 and abs(train_x.std() - 1) < 1e-3  # statistics of the larger training split
+
+
+def test_prepare_without_names_prepares_only_what_is_missing_or_out_of_date(project, capsys):
+    """The pipeline's prepare stage: one call for every dataset, leaving the up-to-date ones untouched."""
+    (project / "params.yaml").write_text("datasets:\n  digits: {source: digits}\n  diabetes: {source: diabetes}\n")
+    assert main(["prepare"]) == 0
+    arrays = {name: project / "data" / "prepared" / name / "arrays.npz" for name in ("digits", "diabetes")}
+    made = {name: path.stat().st_mtime_ns for name, path in arrays.items()}
+    capsys.readouterr()
+    (project / "params.yaml").write_text("datasets:\n  digits: {source: digits}\n"
+                                         "  diabetes: {source: diabetes, split: {seed: 3}}\n")
+    assert main(["prepare"]) == 0
+    out = capsys.readouterr().out
+    assert "digits: up to date in data/prepared/digits" in out and "diabetes: {" in out
+    assert arrays["digits"].stat().st_mtime_ns == made["digits"]
+    assert arrays["diabetes"].stat().st_mtime_ns != made["diabetes"]
+    assert main(["prepare", "digits"]) == 0  # named: prepared again
+    assert arrays["digits"].stat().st_mtime_ns != made["digits"]
