@@ -118,10 +118,10 @@ def main() -> None:
     baseline = statistics.median(rows["torch"])
     print(f"{SPEC}, 1 epoch, 1 seed, train + evaluate; median of {args.rounds} rounds; training loop "
           f"{statistics.median(loops):.2f} s; pooled rows: per experiment of {POOLED} in one call")
-    print(f"{'':14s}{'fixed s':>9s}{'× torch':>9s}")
+    print(f"{'':18s}{'fixed s':>9s}{'× torch':>9s}")
     for name, values in rows.items():
         fixed = statistics.median(values)
-        print(f"{name:14s}{fixed:9.2f}{fixed / baseline:9.2f}")
+        print(f"{name:18s}{fixed:9.2f}{fixed / baseline:9.2f}")
 
 
 if __name__ == "__main__":
