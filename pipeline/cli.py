@@ -157,9 +157,9 @@ def train_every_experiment(args) -> int:
     from pipeline.engine.train import mlflow_experiment_name
     from pipeline.specs.config import tracking_uri
     from pipeline.specs.experiment import load_spec
-    given = [flag for flag, given in (("--data", args.data is not None), ("--out", args.out is not None),
-                                      ("--seed", args.seed is not None), ("--restart", args.restart),
-                                      ("--nproc", args.nproc != 1)) if given]
+    given = [flag for flag, is_set in (("--data", args.data is not None), ("--out", args.out is not None),
+                                       ("--seed", args.seed is not None), ("--restart", args.restart),
+                                       ("--nproc", args.nproc != 1)) if is_set]
     if given:
         raise UserError(None, f"{given[0]} applies to one experiment; name its spec, or leave {given[0]} out to "
                         "train every experiment in params.yaml", field=given[0])
@@ -178,13 +178,14 @@ def train_every_experiment(args) -> int:
     for name, spec in specs.items():  # every model checked against its data before any seed trains
         _check_run_dir(config.paths.runs / name, None)
         ensure_prepared(config, spec, data_dirs[name], spec_paths[name])
+    tracked_in = [mlflow_experiment_name(spec) for spec in specs.values()]
     for warm in (False, True):
         jobs = []
         for name, spec in specs.items():
             if (spec.train.init_from is not None) == warm:
                 jobs += _seed_jobs(args, config, spec, spec_paths[name], seeds[name], data_dirs[name],
                                    config.paths.runs / name, uri)
-        run_seeds(jobs, args.workers, experiments=[mlflow_experiment_name(spec) for spec in specs.values()])
+        run_seeds(jobs, args.workers, experiments=tracked_in)
     for name in specs:
         for seed in seeds[name]:
             print(_seed_line(name, seed, config.paths.runs / name))
