@@ -24,7 +24,7 @@ from pipeline.sweeps.space import grid_points
 from pipeline.sweeps.storage import (budget_lock, make_pruner, make_sampler, open_storage, recover_interrupted,
                                      trials_used)
 from pipeline.sweeps.trials import SweepJob, end_orphan_runs, mlflow_experiment, mlflow_params
-from pipeline.sweeps.workers import budget_left, run_worker, spawn_workers, worker_death
+from pipeline.sweeps.workers import budget_left, run_worker, run_workers, worker_death
 
 if TYPE_CHECKING:
     from pipeline.data.prepare import DataMeta
@@ -141,8 +141,8 @@ def _jobs(sweep: Sweep, workers: int, dirs: tuple[str | Path, str | Path, str | 
 
 
 def _run_workers(sweep: Sweep, study, jobs: list[SweepJob], tidy, recovered: list[int], dead: list[str]) -> None:
-    """Run the jobs to the end: one in this process, or each in a spawned process. A worker that dies is one
-    line in `dead`, and its trial is recovered at once, not at the end."""
+    """Run the jobs to the end: the first in this process, each other in a spawned process. A worker that dies
+    is one line in `dead`, and its trial is recovered at once, not at the end."""
     storage_url = jobs[0].storage_url
     if len(jobs) == 1:
         with interrupts.deferred():  # in-process: keep this process's threads
@@ -157,7 +157,7 @@ def _run_workers(sweep: Sweep, study, jobs: list[SweepJob], tidy, recovered: lis
             with budget_lock(storage_url, sweep.study_name):  # its trial and MLflow run, now, not at the end
                 recovered.extend(recover_interrupted(study, tidy))
 
-    codes = spawn_workers(jobs, on_exit)
+    codes = run_workers(jobs[0], jobs[1:], on_exit)
     if any(code == 2 for code in codes):
         raise UserError(sweep.path, "a worker stopped on an error in the sweep (see above)")
 

@@ -1,6 +1,6 @@
-"""Workers: each asks, trains and tells trials until the budget is spent; K of them run as spawned processes
-(on this machine, or on others given the same database URL) that share one study. Ctrl-C and SIGTERM stop
-every worker at a safe point, and a worker that dies leaves its trial to be queued again.
+"""Workers: each asks, trains and tells trials until the budget is spent. K of them share one study: the first in
+the sweep's own process, the others spawned (and more on other machines given the same database URL). Ctrl-C
+and SIGTERM stop every worker at a safe point, and a worker that dies leaves its trial to be queued again.
 """
 from __future__ import annotations
 
@@ -79,44 +79,83 @@ def _worker_main(job: SweepJob) -> None:
         sys.exit(130)
 
 
-def spawn_workers(jobs: list[SweepJob], on_exit: Callable[[int, int], None]) -> list[int]:
-    """Run the workers to the end → their exit codes; `on_exit(worker, code)` as each one ends. Ctrl-C or
+def run_workers(here: SweepJob, spawned: list[SweepJob], on_exit: Callable[[int, int], None]) -> list[int]:
+    """Run `here` in this process and each of `spawned` in a process of its own, all to the end → the spawned
+    ones' exit codes; `on_exit(worker, code)` as each of those ends. This process has paid its imports already
+    and would otherwise wait idle, while a spawned worker pays them again before its first trial. Ctrl-C or
     SIGTERM stops every one of them."""
     import multiprocessing
-    from multiprocessing.connection import wait
     ctx = multiprocessing.get_context("spawn")  # forking a process that holds torch threads is unsafe
-    procs = [ctx.Process(target=_worker_main, args=(job,), name=f"sweep-worker-{job.worker}") for job in jobs]
+    procs = {job.worker: ctx.Process(target=_worker_main, args=(job,), name=f"sweep-worker-{job.worker}")
+             for job in spawned}
+    stopping = threading.Event()  # once set, a worker's exit is part of the stop, not news to report
     in_main = threading.current_thread() is threading.main_thread()  # only there may a handler be set
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None  # SIGTERM stops the workers too
     try:
-        for p in procs:
+        for p in procs.values():
             p.start()
-        running = dict(enumerate(procs))
-        while running:
-            # Reap each worker as it ends: a dead one left a zombie looks alive to the others' pid check,
-            # and its trial would wait for the end of the sweep to be taken up again.
-            ended = wait([p.sentinel for p in running.values()])
-            for worker, p in [(k, p) for k, p in running.items() if p.sentinel in ended]:
-                p.join()
-                del running[worker]
-                on_exit(worker, p.exitcode)
-    except KeyboardInterrupt:
-        _stop_workers(procs)
+        _work_while_reaping(here, procs, on_exit, stopping)
+    except BaseException as err:
+        stopping.set()
+        # Ctrl-C reached every worker from the terminal: they get time to stop by themselves. Anything else
+        # reached only this process, so they are asked at once.
+        _stop_workers(list(procs.values()), grace_s=10 if isinstance(err, KeyboardInterrupt) else 0)
         raise
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    return [p.exitcode for p in procs]
+    return [p.exitcode for p in procs.values()]
+
+
+def _work_while_reaping(job: SweepJob, procs: dict, on_exit: Callable[[int, int], None],
+                        stopping: threading.Event) -> None:
+    """Run `job` here, with its share of the threads, while a thread reaps the spawned workers."""
+    import torch
+    failures: list[BaseException] = []
+
+    def reap() -> None:
+        try:
+            _reap(procs, on_exit, stopping)
+        except BaseException as err:  # noqa: BLE001 - raised in the main thread, below
+            failures.append(err)
+
+    reaper = threading.Thread(target=reap, name="sweep-reaper", daemon=True)
+    reaper.start()
+    threads = torch.get_num_threads()
+    try:
+        with interrupts.deferred():  # Ctrl-C and SIGTERM stop this worker between steps, as they do the others
+            run_worker(job)
+    finally:
+        torch.set_num_threads(threads)
+    reaper.join()
+    if failures:
+        raise failures[0]
+
+
+def _reap(procs: dict, on_exit: Callable[[int, int], None], stopping: threading.Event) -> None:
+    """Wait for every process, reaping each as it ends: a dead one left a zombie looks alive to the others' pid
+    check, and its trial would wait for the end of the sweep to be taken up again."""
+    from multiprocessing.connection import wait
+    running = dict(procs)
+    while running:
+        ended = wait([p.sentinel for p in running.values()])
+        if stopping.is_set():
+            return
+        for worker, p in [(k, p) for k, p in running.items() if p.sentinel in ended]:
+            p.join()
+            del running[worker]
+            on_exit(worker, p.exitcode)
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _stop_workers(procs) -> None:
-    """Workers got the terminal's SIGINT too and queue their trials again; one that does not stop is asked
-    again, then terminated, then killed, so that nothing outlives the sweep."""
-    deadline = time.monotonic() + 10
+def _stop_workers(procs, grace_s: float = 10) -> None:
+    """Each worker gets `grace_s` to stop by itself (a terminal's Ctrl-C reached it too, and it queues its
+    trial again), then is sent SIGINT, then terminated, then killed, so that nothing outlives the sweep. (A
+    second SIGINT stops a worker at once, wherever it is: it is sent only after the grace.)"""
+    deadline = time.monotonic() + grace_s
     for p in procs:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     for ask, wait in ((lambda p: os.kill(p.pid, signal.SIGINT), 20), (lambda p: p.terminate(), 5),
@@ -131,7 +170,7 @@ def _stop_workers(procs) -> None:
 
 def worker_death(worker: int, code: int) -> str | None:
     """One line for a worker that did not end by itself (killed by a signal, or crashed); None if it did."""
-    if code in (0, 2):  # done, or stopped on a user error it reported itself
-        return None
+    if code in (0, 2, 130):  # done, stopped on a user error it reported itself, or stopped by Ctrl-C or SIGTERM
+        return None  # (having queued its trial again itself)
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"crashed (exit status {code})"
     return f"sweep worker {worker} {how}; its trial is queued again and the other workers went on"
