@@ -4,9 +4,12 @@ Three measurements, each in a fresh temporary project (MNIST-1D prepared there, 
 SQLite store, as `dvc repro` would track):
 
   pruning   the default sweep (specs/sweeps/mnist1d_arch.yaml) at a fixed number of trials, with its
-            median pruner and with `pruner: none`, same seed: wall time, best value, trials pruned
-  workers   the same sweep without pruning on 1 and on 2 workers (each worker gets cores / workers
-            torch threads): trials per minute, failed trials, storage errors, worker exit codes
+            median pruner and with `pruner: none`, same seed: wall time, best value, trials pruned; then the
+            median pruner on exactly the trials `none` trained (pruning changes what TPE proposes next)
+  workers   the same sweep without pruning on 1 worker (torch's default threads), on 1 worker with one
+            thread (the share each of two workers gets on 2 cores: twice its rate is the most two workers
+            can reach), and on 2 workers: trials per minute and the ratio to 1 worker, failed trials,
+            storage errors
   storage   K processes hammering one study with empty trials (ask, 3 suggestions, 10 reports with
             a pruning check, tell): trials per second and storage errors, SQLite against a journal file
 
@@ -63,19 +66,24 @@ def sweep_variant(root: Path, name: str, trials: int, epochs: int, pruner: str, 
     return path
 
 
-def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
-    """One sweep, timed; counts of trial states and storage errors from the study."""
+def run_variant(root: Path, path: Path, workers: int, storage: str, replay: list[dict] | None = None) -> dict:
+    """One sweep, timed; counts of trial states and storage errors from the study. `replay`: trials' parameters
+    queued before it starts, so that it trains exactly those (the sampler is not asked)."""
     import optuna
     from optuna.trial import TrialState
 
     from pipeline.specs.sweep import load_sweep
     from pipeline.sweeps.storage import default_storage_url, open_storage
-    from pipeline.sweeps.study import run_sweep
+    from pipeline.sweeps.study import open_study, run_sweep
     cwd = os.getcwd()
     os.chdir(root)
     try:
         sweep = load_sweep(path, "specs")
         url = default_storage_url("sweeps", sweep.name) if storage == "journal" else f"sqlite:///sweeps/{sweep.name}.db"
+        if replay:
+            study = open_study(sweep, url, sweep.spec.seed)
+            for params in replay:
+                study.enqueue_trial(params)
         start = time.perf_counter()
         error = None
         try:
@@ -90,11 +98,17 @@ def run_variant(root: Path, path: Path, workers: int, storage: str) -> dict:
         reasons = [t.user_attrs.get("fail_reason", "") for t in trials if t.state == TrialState.FAIL]
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = max((t.values[0] for t in complete), default=float("nan"))
-        return {"wall_s": round(wall, 1), "trials": len(trials), "complete": states.count(TrialState.COMPLETE),
+        # From the first trial's start to the last one's end: the sweep's own start (checks, the MLflow parent
+        # run) and its report are left out, so this is the rate at which the workers get trials done.
+        ends = [(t.datetime_start, t.datetime_complete) for t in trials if t.datetime_complete]
+        span = (max(e for _, e in ends) - min(s for s, _ in ends)).total_seconds() if ends else float("nan")
+        return {"params": [t.params for t in trials], "wall_s": round(wall, 1), "trials": len(trials), "complete": states.count(TrialState.COMPLETE),
                 "pruned": states.count(TrialState.PRUNED), "failed": states.count(TrialState.FAIL),
                 "storage_errors": sum(("locked" in r or "OperationalError" in r or "storage" in r.lower())
                                       for r in reasons),
-                "best": round(best, 4), "trials_per_min": round(len(trials) / wall * 60, 2), "error": error}
+                "best": round(best, 4), "trials_per_min": round(len(trials) / wall * 60, 2),
+                "trial_span_s": round(span, 1), "trials_per_min_working": round(len(ends) / span * 60, 2),
+                "error": error}
     finally:
         os.chdir(cwd)
 
@@ -182,6 +196,9 @@ def main() -> None:
     print(f"cores: {len(os.sched_getaffinity(0))}, load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         root = make_project(Path(tmp))
+        # Untimed: the first sweep in a process pays its imports and the MLflow store's creation (about 4 s),
+        # which would otherwise fall on whichever row runs first.
+        run_variant(root, sweep_variant(root, "warm_up", 1, 1, "none", ["mlp"]), 1, args.storage)
         columns = ["variant", "wall_s", "trials", "complete", "pruned", "failed", "storage_errors", "best",
                    "trials_per_min", "error"]
         if "pruning" in args.only:
@@ -189,18 +206,43 @@ def main() -> None:
             for pruner in ("median", "none"):
                 path = sweep_variant(root, f"prune_{pruner}", args.trials, args.epochs, pruner, args.candidates)
                 rows.append({"variant": f"pruner={pruner}", **run_variant(root, path, 1, args.storage)})
-            saved = 1 - rows[0]["wall_s"] / rows[1]["wall_s"]
-            print(f"pruning: {args.trials} trials of {args.epochs} epochs; median pruning saved {saved:.0%} of the "
-                  f"wall time")
-            show(rows, columns)
+            # Pruned trials change what TPE proposes next, so the two sweeps above train other trials. Here
+            # the median pruner cuts short exactly the trials the unpruned sweep trained: its own effect.
+            path = sweep_variant(root, "prune_median_same", args.trials, args.epochs, "median", args.candidates)
+            rows.append({"variant": "pruner=median, none's trials",
+                         **run_variant(root, path, 1, args.storage, replay=rows[1]["params"])})
+            for row in rows:
+                row["saved"] = f"{1 - row['wall_s'] / rows[1]['wall_s']:.0%}"
+            print(f"pruning: {args.trials} trials of {args.epochs} epochs; saved: wall time against pruner=none")
+            show(rows, [*columns[:-1], "saved", "error"])
             results["pruning"] = rows
         if "workers" in args.only:
+            import torch
+            # The sampler proposes other trials to two workers than to one (each worker seeds its own, and
+            # running trials are guessed at), and trials differ in cost tenfold (an MLP against a Transformer):
+            # so one untimed sweep samples the trials, and every row below trains exactly those.
+            reference = run_variant(root, sweep_variant(root, "workers_sampled", args.trials, args.epochs, "none",
+                                                        args.candidates), 1, args.storage)
             rows = []
-            for workers in (1, 2):
-                path = sweep_variant(root, f"workers_{workers}", args.trials, args.epochs, "none", args.candidates)
-                rows.append({"variant": f"workers={workers}", **run_variant(root, path, workers, args.storage)})
-            print(f"workers: {args.trials} trials of {args.epochs} epochs, no pruning, storage {args.storage}")
-            show(rows, columns)
+            # workers=1 keeps torch's default threads (all cores); 1 worker × 1 thread is what each of two
+            # workers gets on 2 cores, so twice its rate is what two workers could reach at best.
+            for workers, threads in ((1, None), (1, 1), (2, None)):
+                name = f"workers_{workers}" + (f"_{threads}t" if threads else "")
+                path = sweep_variant(root, name, args.trials, args.epochs, "none", args.candidates)
+                before = torch.get_num_threads()
+                torch.set_num_threads(threads or before)
+                row = run_variant(root, path, workers, args.storage, replay=reference["params"])
+                torch.set_num_threads(before)
+                rows.append({"variant": f"workers={workers}" + (f", {threads} thread" if threads else ""), **row})
+            for row in rows:
+                row["vs_1_worker"] = f"{row['trials_per_min'] / rows[0]['trials_per_min']:.2f}x"
+                row["working_vs_1"] = f"{row['trials_per_min_working'] / rows[0]['trials_per_min_working']:.2f}x"
+            ceiling = 2 * rows[1]["trials_per_min_working"] / rows[0]["trials_per_min_working"]
+            print(f"workers: the same {args.trials} trials of {args.epochs} epochs in each row (sampled once by TPE), "
+                  f"no pruning, storage {args.storage}; trials_per_min counts the whole call, _working from the first trial's start to the last one's "
+                  f"end; at best two workers reach {ceiling:.2f}x (twice the one-thread working rate)")
+            show(rows, [*columns[:-2], "trials_per_min", "vs_1_worker", "trial_span_s", "trials_per_min_working",
+                        "working_vs_1", "error"])
             results["workers"] = rows
         if "storage" in args.only:
             rows = []
