@@ -155,11 +155,18 @@ class SamplerSpec(StrictModel):
 class PrunerSpec(StrictModel):
     name: Literal["median", "hyperband", "none"] = Field(default="median", description="median: stop a trial whose "
                                                          "best validation metric so far is worse than the median of "
-                                                         "completed trials of the same candidate at that epoch; "
-                                                         "hyperband: successive-halving brackets over all trials; "
-                                                         "none. Pruning needs a single objective.")
-    startup_trials: NonNegativeInt = Field(default=2, description="median only: completed trials of a candidate "
-                                           "before its trials may be pruned.")
+                                                         "completed trials at that epoch (those of the same "
+                                                         "candidate, or all: see scope); hyperband: "
+                                                         "successive-halving brackets over all trials; none. "
+                                                         "Pruning needs a single objective.")
+    scope: Literal["candidate", "study"] = Field(default="candidate", description="median only: candidate: a trial "
+                                                 "is compared with its own architecture's trials, so a slow starter "
+                                                 "is not judged by a fast one; study: with every trial, as Optuna's "
+                                                 "MedianPruner does. study prunes more, but the architectures that "
+                                                 "learn slowly may lose every trial early and end the sweep without "
+                                                 "a finished one.")
+    startup_trials: NonNegativeInt = Field(default=2, description="median only: completed trials (of a candidate, "
+                                           "or of the study: see scope) before a trial may be pruned.")
     warmup_epochs: NonNegativeInt = Field(default=1, description="median only: epochs every trial runs before it "
                                           "may be pruned.")
     min_epochs: PositiveInt = Field(default=1, description="hyperband only: epochs the shortest bracket trains.")

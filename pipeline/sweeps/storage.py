@@ -117,8 +117,8 @@ def make_pruner(sweep: Sweep):
     p = sweep.spec.pruner
     if p.name == "median":
         # Epochs are reported as steps 1, 2, ...: warmup_epochs=1 lets pruning start at epoch 2.
-        return PerCandidatePruner(optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials,
-                                                              n_warmup_steps=p.warmup_epochs + 1))
+        median = optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs + 1)
+        return PerCandidatePruner(median) if p.scope == "candidate" else median
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_epochs, max_resource=sweep.epochs,
                                               reduction_factor=p.reduction_factor)

@@ -118,6 +118,21 @@ def test_a_bad_trial_is_pruned_by_the_median_of_its_candidate(lab):
     assert len(study.trials[0].intermediate_values) == 6  # every epoch was reported
 
 
+@pytest.mark.parametrize("scope, frozen_cnn", [("candidate", TrialState.COMPLETE), ("study", TrialState.PRUNED)])
+def test_the_median_pruner_judges_a_trial_by_its_own_candidate_or_by_the_whole_study(lab, scope, frozen_cnn):
+    lr = {"train.optimizer.lr": {"type": "float", "low": 1e-7, "high": 3e-2, "log": True}}
+    raw = sweep_dict(candidates={"mlp": {"spec": "tiny_mlp", "space": lr}, "cnn": {"spec": "tiny_cnn", "space": lr}},
+                     pruner={"name": "median", "startup_trials": 2, "warmup_epochs": 0, "scope": scope},
+                     budget={"trials": 3, "epochs": 6})
+
+    def queue(study):  # two good MLPs set the study's median; a frozen CNN is the first of its candidate
+        for candidate, rate in (("mlp", 3e-2), ("mlp", 2e-2), ("cnn", 1e-7)):
+            study.enqueue_trial({"candidate": candidate, f"{candidate}/train.optimizer.lr": rate})
+
+    _, study = run(lab, raw, before=queue)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.COMPLETE, frozen_cnn]
+
+
 def test_an_invalid_combination_fails_its_trial_and_the_study_goes_on(lab):
     raw = sweep_dict(candidates={"cnn": {"spec": "tiny_cnn", "space": {
         "model.layers[1].kernel": {"type": "categorical", "choices": [2, 64]},  # a 64-wide pool on 8 samples
