@@ -4,8 +4,9 @@ Three measurements, each in a fresh temporary project (MNIST-1D prepared there, 
 SQLite store, as `dvc repro` would track):
 
   pruning   the default sweep (specs/sweeps/mnist1d_arch.yaml) at a fixed number of trials, with its
-            median pruner and with `pruner: none`, same seed: wall time, best value, trials pruned; then the
-            median pruner on exactly the trials `none` trained (pruning changes what TPE proposes next)
+            median pruner and with `pruner: none`, same seed: wall time, best value, trials pruned, the
+            candidates left without a finished trial; then the median pruner, scope candidate and scope
+            study, on exactly the trials `none` trained (pruning changes what TPE proposes next)
   workers   the same sweep without pruning on 1 worker (torch's default threads), on 1 worker with one
             thread (the share each of two workers gets on 2 cores: twice its rate is the most two workers
             can reach), and on 2 workers: trials per minute and the ratio to 1 worker, failed trials,
@@ -54,11 +55,14 @@ def make_project(root: Path) -> Path:
     return root
 
 
-def sweep_variant(root: Path, name: str, trials: int, epochs: int, pruner: str, candidates: list[str] | None) -> Path:
+def sweep_variant(root: Path, name: str, trials: int, epochs: int, pruner: str, candidates: list[str] | None,
+                  scope: str | None = None) -> Path:
     raw = yaml.safe_load((REPO / "specs/sweeps/mnist1d_arch.yaml").read_text())
     raw["name"] = name
     raw["budget"] = {"trials": trials, "epochs": epochs}
     raw["pruner"]["name"] = pruner
+    if scope:
+        raw["pruner"]["scope"] = scope
     if candidates:
         raw["candidates"] = {k: v for k, v in raw["candidates"].items() if k in candidates}
     path = root / "specs" / "sweeps" / f"{name}.yaml"
@@ -102,7 +106,10 @@ def run_variant(root: Path, path: Path, workers: int, storage: str, replay: list
         # run) and its report are left out, so this is the rate at which the workers get trials done.
         ends = [(t.datetime_start, t.datetime_complete) for t in trials if t.datetime_complete]
         span = (max(e for _, e in ends) - min(s for s, _ in ends)).total_seconds() if ends else float("nan")
-        return {"params": [t.params for t in trials], "wall_s": round(wall, 1), "trials": len(trials), "complete": states.count(TrialState.COMPLETE),
+        finished = {t.params.get("candidate") for t in complete}
+        return {"params": [t.params for t in trials], "wall_s": round(wall, 1), "trials": len(trials),
+                # candidates the sweep tried but never finished a trial of: the report ranks them on nothing
+                "unfinished": ",".join(sorted({t.params.get("candidate") for t in trials} - finished)) or "-", "complete": states.count(TrialState.COMPLETE),
                 "pruned": states.count(TrialState.PRUNED), "failed": states.count(TrialState.FAIL),
                 "storage_errors": sum(("locked" in r or "OperationalError" in r or "storage" in r.lower())
                                       for r in reasons),
@@ -208,13 +215,16 @@ def main() -> None:
                 rows.append({"variant": f"pruner={pruner}", **run_variant(root, path, 1, args.storage)})
             # Pruned trials change what TPE proposes next, so the two sweeps above train other trials. Here
             # the median pruner cuts short exactly the trials the unpruned sweep trained: its own effect.
-            path = sweep_variant(root, "prune_median_same", args.trials, args.epochs, "median", args.candidates)
-            rows.append({"variant": "pruner=median, none's trials",
-                         **run_variant(root, path, 1, args.storage, replay=rows[1]["params"])})
+            # And with scope: study (each trial against every other, not only its own candidate's).
+            for scope in ("candidate", "study"):
+                path = sweep_variant(root, f"prune_median_same_{scope}", args.trials, args.epochs, "median",
+                                     args.candidates, scope)
+                rows.append({"variant": f"pruner=median, scope {scope}, none's trials",
+                             **run_variant(root, path, 1, args.storage, replay=rows[1]["params"])})
             for row in rows:
                 row["saved"] = f"{1 - row['wall_s'] / rows[1]['wall_s']:.0%}"
             print(f"pruning: {args.trials} trials of {args.epochs} epochs; saved: wall time against pruner=none")
-            show(rows, [*columns[:-1], "saved", "error"])
+            show(rows, [*columns[:-1], "saved", "unfinished", "error"])
             results["pruning"] = rows
         if "workers" in args.only:
             import torch
