@@ -91,9 +91,8 @@ def make_pipeline_project(root: Path, max_epochs: int | None) -> list[str]:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_cli(["prepare"], root)
     import subprocess  # the MLflow store made once, untimed, as an earlier `dvc repro` would have
-    subprocess.run([sys.executable, "-c", "from mlflow.tracking import MlflowClient; "
-                    f"MlflowClient({params['tracking_uri']!r}).search_experiments()"], cwd=root, check=True,
-                   capture_output=True)
+    make_store = f"from mlflow.tracking import MlflowClient; MlflowClient({params['tracking_uri']!r}).search_experiments()"
+    subprocess.run([sys.executable, "-c", make_store], cwd=root, check=True, capture_output=True)
     return list(params["experiments"])
 
 

@@ -106,10 +106,10 @@ def run_variant(root: Path, path: Path, workers: int, storage: str, replay: list
         # run) and its report are left out, so this is the rate at which the workers get trials done.
         ends = [(t.datetime_start, t.datetime_complete) for t in trials if t.datetime_complete]
         span = (max(e for _, e in ends) - min(s for s, _ in ends)).total_seconds() if ends else float("nan")
-        finished = {t.params.get("candidate") for t in complete}
+        # Candidates the sweep tried but never finished a trial of: its report ranks them on nothing.
+        unfinished = {t.params.get("candidate") for t in trials} - {t.params.get("candidate") for t in complete}
         return {"params": [t.params for t in trials], "wall_s": round(wall, 1), "trials": len(trials),
-                # candidates the sweep tried but never finished a trial of: the report ranks them on nothing
-                "unfinished": ",".join(sorted({t.params.get("candidate") for t in trials} - finished)) or "-", "complete": states.count(TrialState.COMPLETE),
+                "unfinished": ",".join(sorted(unfinished)) or "-", "complete": states.count(TrialState.COMPLETE),
                 "pruned": states.count(TrialState.PRUNED), "failed": states.count(TrialState.FAIL),
                 "storage_errors": sum(("locked" in r or "OperationalError" in r or "storage" in r.lower())
                                       for r in reasons),
@@ -248,9 +248,10 @@ def main() -> None:
                 row["vs_1_worker"] = f"{row['trials_per_min'] / rows[0]['trials_per_min']:.2f}x"
                 row["working_vs_1"] = f"{row['trials_per_min_working'] / rows[0]['trials_per_min_working']:.2f}x"
             ceiling = 2 * rows[1]["trials_per_min_working"] / rows[0]["trials_per_min_working"]
-            print(f"workers: the same {args.trials} trials of {args.epochs} epochs in each row (sampled once by TPE), "
-                  f"no pruning, storage {args.storage}; trials_per_min counts the whole call, _working from the first trial's start to the last one's "
-                  f"end; at best two workers reach {ceiling:.2f}x (twice the one-thread working rate)")
+            print(f"workers: the same {args.trials} trials of {args.epochs} epochs in each row (sampled once by "
+                  f"TPE), no pruning, storage {args.storage}; trials_per_min counts the whole call, _working from "
+                  f"the first trial's start to the last one's end; at best two workers reach {ceiling:.2f}x "
+                  f"(twice the one-thread working rate)")
             show(rows, [*columns[:-2], "trials_per_min", "vs_1_worker", "trial_span_s", "trials_per_min_working",
                         "working_vs_1", "error"])
             results["workers"] = rows
