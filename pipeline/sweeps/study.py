@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engine import interrupts
 from pipeline.engine.repeats import available_cores
 from pipeline.specs.errors import UserError
 from pipeline.specs.sweep import Sweep
@@ -24,7 +23,7 @@ from pipeline.sweeps.space import grid_points
 from pipeline.sweeps.storage import (budget_lock, make_pruner, make_sampler, open_storage, recover_interrupted,
                                      trials_used)
 from pipeline.sweeps.trials import SweepJob, end_orphan_runs, mlflow_experiment, mlflow_params
-from pipeline.sweeps.workers import budget_left, run_worker, run_workers, worker_death
+from pipeline.sweeps.workers import budget_left, run_workers, worker_death
 
 if TYPE_CHECKING:
     from pipeline.data.prepare import DataMeta
@@ -133,7 +132,7 @@ def _jobs(sweep: Sweep, workers: int, dirs: tuple[str | Path, str | Path, str | 
     """One job per worker; each seeds its sampler apart from the others' and from earlier runs' workers."""
     data_dir, runs_dir, specs_dir = dirs
     deadline = time.time() + sweep.spec.budget.timeout_s if sweep.spec.budget.timeout_s else None
-    threads = max(1, available_cores() // workers)
+    threads = None if workers == 1 else max(1, available_cores() // workers)  # one worker: this process's own
     return [SweepJob(sweep_path=str(sweep.path), specs_dir=str(specs_dir), storage_url=storage_url,
                      study_name=sweep.study_name, data_dir=str(data_dir), runs_dir=str(runs_dir),
                      tracking_uri=tracking_uri, parent_run_id=parent.run_id if parent else None, deadline=deadline,
@@ -144,10 +143,6 @@ def _run_workers(sweep: Sweep, study, jobs: list[SweepJob], tidy, recovered: lis
     """Run the jobs to the end: the first in this process, each other in a spawned process. A worker that dies
     is one line in `dead`, and its trial is recovered at once, not at the end."""
     storage_url = jobs[0].storage_url
-    if len(jobs) == 1:
-        with interrupts.deferred():  # in-process: keep this process's threads
-            run_worker(SweepJob(**{**jobs[0].__dict__, "threads": None}))
-        return
 
     def on_exit(worker: int, code: int) -> None:
         line = worker_death(worker, code)
